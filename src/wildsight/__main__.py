@@ -1,0 +1,5 @@
+import sys
+
+from wildsight.cli import main
+
+sys.exit(main())

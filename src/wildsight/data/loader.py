@@ -1,0 +1,291 @@
+"""Batches in a resumable, shardable, deterministic order.
+
+Order of epoch e: `perm_e = randperm(N)` from a torch.Generator seeded by (seed, e).
+A global step consumes G = batch_size * world_size consecutive items of perm_e;
+rank r takes the strided slice `perm_e[p + r : p + G : world_size]`, so ranks are
+disjoint and nothing repeats within an epoch. `position` = p counts items already
+consumed in the epoch by ALL ranks (yielded or skipped), hence (epoch, position) is
+the whole state: a fresh Loader given it yields exactly the next batch.
+
+In-memory datasets (IDX) are batched by tensor indexing in this process. File
+datasets are decoded in torch DataLoader workers: the Loader precomputes this
+rank's batches of indices and the DataLoader hands whole batches to workers in
+turn (worker w gets batches w, w + W, ...), so workers are disjoint as well.
+Undecodable images are dropped from their batch and named once in the SkipLog.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from wildsight.data.decode import Skip
+from wildsight.data.sources import DataError, ImageDataset
+
+MIN_ATTEMPTS_BEFORE_FAILING = 64
+
+
+@dataclass(frozen=True)
+class Batch:
+    images: torch.Tensor  # uint8 [B, 3, S, S]
+    indices: torch.Tensor  # int64 [B], index into the dataset
+    labels: torch.Tensor  # int64 [B], -1 where unknown
+
+
+class SkipLog:
+    """Skipped items, each counted and named once however many epochs meet it again."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, str] = {}  # key -> first reason, in order of discovery
+        self.by_reason: dict[str, int] = {}  # reason -> number of distinct keys
+
+    @property
+    def count(self) -> int:
+        return len(self.reasons)
+
+    def add(self, key: str, reason: str) -> None:
+        if key not in self.reasons:
+            self.reasons[key] = reason
+            self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+
+    def write(self, path: Path | str) -> None:
+        """TSV `key<TAB>reason`, a line per key; temp file, fsync, rename: never half-written."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = "".join(f"{_tsv(k)}\t{_tsv(r)}\n" for k, r in self.reasons.items())
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
+                f.write(lines)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _tsv(text: str) -> str:
+    """A key or reason on one TSV field: backslash, tab and newlines escaped."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """int64 [N]: the order of epoch `epoch`, a pure function of (seed, epoch)."""
+    words = [seed % 2**64 & 0xFFFFFFFF, seed % 2**64 >> 32, epoch]
+    mixed = np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)  # [1]
+    generator = torch.Generator().manual_seed(int(mixed[0]))
+    return torch.randperm(num_items, generator=generator)
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    images: torch.Tensor  # uint8 [b, 3, S, S], b <= len(task)
+    indices: torch.Tensor  # int64 [b]
+    skips: list[Skip]
+    attempted: int
+    end_position: int  # epoch position once this batch is consumed
+
+
+class _Tasks(Dataset[_Decoded]):
+    """Batch k of this rank's epoch = decode the precomputed indices `tasks[k]` (in a worker)."""
+
+    def __init__(self, dataset: ImageDataset, tasks: list[tuple[torch.Tensor, int]]):
+        self.dataset, self.tasks = dataset, tasks
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, k: int) -> _Decoded:
+        indices, end_position = self.tasks[k]
+        kept: list[torch.Tensor] = []
+        kept_indices: list[int] = []
+        skips: list[Skip] = []
+        for i in indices.tolist():
+            item = self.dataset.load(i)
+            if isinstance(item, Skip):
+                skips.append(item)
+            else:
+                kept.append(item)
+                kept_indices.append(i)
+        size = self.dataset.image_size
+        images = torch.stack(kept) if kept else torch.empty(0, 3, size, size, dtype=torch.uint8)
+        picked = torch.tensor(kept_indices, dtype=torch.int64)
+        return _Decoded(images, picked, skips, len(indices), end_position)
+
+
+def _whole(item: _Decoded) -> _Decoded:
+    """DataLoader collate for batch_size=None: the worker already built the batch."""
+    return item
+
+
+class Loader:
+    """Iterable of Batch over `dataset` for one rank; `state_dict()` resumes mid-epoch exactly."""
+
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        *,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        endless: bool = False,
+        max_skip_fraction: float = 0.5,
+        skip_log: SkipLog | None = None,
+    ):
+        if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
+            raise DataError(
+                f"need batch_size >= 1, num_workers >= 0 and 0 <= rank < world_size, got "
+                f"batch_size={batch_size}, num_workers={num_workers}, rank={rank}, "
+                f"world_size={world_size}"
+            )
+        if drop_last and len(dataset) < batch_size * world_size:
+            raise DataError(
+                f"{dataset.name} has {len(dataset)} images, fewer than one global batch "
+                f"({batch_size} x {world_size} ranks); lower batch_size or set drop_last=False"
+            )
+        if endless and len(dataset) < batch_size * world_size and len(dataset) <= rank:
+            raise DataError(f"{dataset.name} has {len(dataset)} images: rank {rank} gets none")
+        self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
+        self.drop_last, self.num_workers, self.endless = drop_last, num_workers, endless
+        self.rank, self.world_size = rank, world_size
+        self.max_skip_fraction = max_skip_fraction
+        self.skip_log = skip_log if skip_log is not None else SkipLog()
+        self.epoch, self.position = 0, 0
+        self.attempted, self.skipped = 0, 0  # cumulative, for the max_skip_fraction check
+        self._first_skip: Skip | None = None
+        self._labels = dataset.labels()  # int64 [N]
+
+    @property
+    def _global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def _epoch_end(self) -> int:
+        """Items consumed by a whole epoch: the tail that fills no global batch is dropped."""
+        n = len(self.dataset)
+        return n - n % self._global_batch if self.drop_last else n
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank (an all-skipped batch still counts here)."""
+        full, tail = divmod(len(self.dataset), self._global_batch)
+        return full + int(not self.drop_last and tail > self.rank)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "num_images": len(self.dataset),
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "attempted": self.attempted,
+            "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where `state` was taken; batch_size and world_size may differ from then."""
+        missing = {"epoch", "position"} - set(state)
+        if missing:
+            raise DataError(f"loader state lacks {sorted(missing)}; pass Loader.state_dict()")
+        mine_by_name = {"num_images": len(self.dataset), "seed": self.seed, "shuffle": self.shuffle}
+        for name, mine in mine_by_name.items():
+            if name in state and state[name] != mine:
+                raise DataError(
+                    f"loader state has {name}={state[name]!r} but this loader has {mine!r}; "
+                    "resume with the same data and seed"
+                )
+        if not 0 <= int(state["position"]) <= len(self.dataset) or int(state["epoch"]) < 0:
+            raise DataError(f"loader state epoch/position out of range: {state}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.attempted = int(state.get("attempted", 0))
+        self.skipped = int(state.get("skipped", 0))
+
+    def _tasks(self) -> list[tuple[torch.Tensor, int]]:
+        """This rank's remaining batches of the epoch: (indices int64 [b], position after it)."""
+        n = len(self.dataset)
+        order = epoch_permutation(n, self.seed, self.epoch) if self.shuffle else torch.arange(n)
+        tasks = []
+        for start in range(self.position, self._epoch_end, self._global_batch):
+            stop = min(start + self._global_batch, self._epoch_end)
+            mine = order[start + self.rank : stop : self.world_size]  # [<= batch_size]
+            tasks.append((mine, stop))
+        return tasks
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            if self.position >= self._epoch_end:  # resumed exactly at the end of an epoch
+                self.epoch, self.position = self.epoch + 1, 0
+            yielded = 0
+            for batch in self._run_epoch():
+                yielded += 1
+                yield batch
+            if self.endless and yielded == 0 and len(self) > 0:
+                raise DataError(
+                    f"no image of {self.dataset.name} could be decoded in a whole epoch; "
+                    "fix the source"
+                )
+            self.epoch, self.position = self.epoch + 1, 0
+            if not self.endless:
+                return
+
+    def _run_epoch(self) -> Iterator[Batch]:
+        tasks = self._tasks()
+        if self.dataset.in_memory:  # fast path: one indexing op per batch, no workers
+            for indices, end_position in tasks:
+                self.position = end_position
+                if len(indices):
+                    yield Batch(self.dataset.gather(indices), indices, self._labels[indices])
+            return
+        for decoded in self._decode(tasks):
+            self.position = decoded.end_position
+            self._account(decoded)
+            if len(decoded.indices):
+                labels = self._labels[decoded.indices]
+                yield Batch(decoded.images, decoded.indices, labels)
+
+    def _decode(self, tasks: list[tuple[torch.Tensor, int]]) -> Iterator[_Decoded]:
+        work = _Tasks(self.dataset, [t for t in tasks if len(t[0])])
+        if self.num_workers == 0 or len(work) == 0:
+            yield from (work[k] for k in range(len(work)))
+            return
+        yield from DataLoader(
+            work, batch_size=None, shuffle=False, num_workers=self.num_workers, collate_fn=_whole
+        )
+
+    def _account(self, decoded: _Decoded) -> None:
+        """Log skips; fail once the skipped fraction is clearly too high to be noise."""
+        self.attempted += decoded.attempted
+        self.skipped += len(decoded.skips)
+        for skip in decoded.skips:
+            self.skip_log.add(skip.key, skip.reason)
+            if self._first_skip is None:
+                self._first_skip = skip
+        if (
+            self.attempted >= MIN_ATTEMPTS_BEFORE_FAILING
+            and self.skipped > self.max_skip_fraction * self.attempted
+        ):
+            first = self._first_skip
+            where = f" (first: {first.key}: {first.reason})" if first else ""
+            raise DataError(
+                f"{self.skipped} of {self.attempted} images in {self.dataset.name} could not be "
+                f"decoded{where}; fix the source or raise max_skip_fraction"
+            )

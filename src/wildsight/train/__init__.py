@@ -1,0 +1,1 @@
+"""Training machinery: optimiser, schedules, checkpoints, distributed helpers, precision."""

@@ -1,0 +1,68 @@
+"""A run that crashes and resumes ends with exactly the weights of an uninterrupted run (CPU)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_tree
+from wildsight import api, config
+from wildsight.methods.swav import SwAV
+from wildsight.train import checkpoint
+
+
+def _final_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    tensors, state = checkpoint.load_checkpoint(run_dir / "checkpoints")
+    return checkpoint.unflatten_state(tensors, state["tensor_meta"])["model"]
+
+
+def test_crash_then_resume_equals_uninterrupted(image_folder, tmp_path, monkeypatch):
+    straight = api.pretrain(config.load(tiny_tree(image_folder, tmp_path / "straight")))
+    assert straight.steps == 6
+
+    crashed_dir = tmp_path / "crashed"
+    original = SwAV.after_step
+
+    def crash_at_step_4(self, step, output):
+        if step == 4:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, step, output)
+
+    monkeypatch.setattr(SwAV, "after_step", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        api.pretrain(config.load(tiny_tree(image_folder, crashed_dir)))
+    monkeypatch.setattr(SwAV, "after_step", original)
+    _, state = checkpoint.load_checkpoint(crashed_dir / "checkpoints")
+    assert state["train"]["step"] == 3  # the last checkpoint before the crash
+
+    resumed = api.pretrain(config.load(tiny_tree(image_folder, crashed_dir)), resume=True)
+    assert resumed.steps == 6
+    a, b = _final_model(tmp_path / "straight"), _final_model(crashed_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key  # bit-identical, queue and BN statistics included
+
+
+def test_run_directory_holds_config_metrics_and_checkpoint(image_folder, tmp_path):
+    result = api.pretrain(config.load(tiny_tree(image_folder, tmp_path / "run", steps=3)))
+    run = result.run_dir
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "latest").is_file()
+    rows = [line for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(rows) == 3 and '"loss"' in rows[0]
+    assert list((run / "tb").iterdir())  # TensorBoard event file
+    # the saved config reproduces the run's configuration exactly
+    assert config.load(config.read_yaml(run)) == config.load(config.read_yaml(run / "config.yaml"))
+    # the encoder loads strictly from the checkpoint and embeds images
+    out = api.embed(run, str(tmp_path.parent / tmp_path.name / "images"), tmp_path / "emb.npy")
+    assert out[0] == 48
+
+
+def test_folder_with_broken_files_trains_and_reports_skips(image_folder, tmp_path):
+    (image_folder / "class0" / "empty.jpg").write_bytes(b"")
+    (image_folder / "class1" / "noise.png").write_bytes(b"\x89PNG not really")
+    (image_folder / "class1" / "notes.jpg").write_text("hello")
+    result = api.pretrain(config.load(tiny_tree(image_folder, tmp_path / "run", steps=12)))
+    assert result.steps == 12
+    skipped = (result.run_dir / "skipped.tsv").read_text().splitlines()
+    names = sorted(Path(line.split("\t")[0]).name for line in skipped if line)
+    assert names == ["empty.jpg", "noise.png", "notes.jpg"]
