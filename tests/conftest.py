@@ -15,10 +15,19 @@ needs_fmnist = pytest.mark.skipif(
     not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists(), reason="Fashion-MNIST not installed"
 )
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tests use tiny tensors: one intra-op thread is faster and immune to a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-def write_images(folder: Path, count: int, size: int = 20, seed: int = 0, classes: int = 2) -> list[Path]:
+def write_images(
+    folder: Path, count: int, size: int = 20, seed: int = 0, classes: int = 2
+) -> list[Path]:
     """`count` random-texture RGB PNGs in `classes` sub-folders."""
     rng = np.random.default_rng(seed)
     paths = []

@@ -1,8 +1,8 @@
 """The typed Python API. The CLI is a thin layer over these functions, and the README uses them.
 
-    from wildsight import api, config
-    result = api.pretrain(config.load({"train": {"steps": 100}}))
-    probe = api.eval_linear("runs/pretrain", train="fmnist:train", test="fmnist:test")
+from wildsight import api, config
+result = api.pretrain(config.load({"train": {"steps": 100}}))
+probe = api.eval_linear("runs/pretrain", train="fmnist:train", test="fmnist:test")
 """
 
 from __future__ import annotations
@@ -25,7 +25,15 @@ from wildsight.train import checkpoint
 from wildsight.train.trainer import TrainResult, pick_device, pretrain
 from wildsight.views import eval_view
 
-__all__ = ["Encoder", "embed", "eval_knn", "eval_linear", "load_encoder", "pretrain", "source_features"]
+__all__ = [
+    "Encoder",
+    "embed",
+    "eval_knn",
+    "eval_linear",
+    "load_encoder",
+    "pretrain",
+    "source_features",
+]
 
 
 @dataclass
@@ -46,7 +54,14 @@ class Encoder:
         """uint8 [B,3,H,W] -> normalised float [B,3,s,s] at the size of the global crops."""
         assert self.config.views is not None
         aug = self.config.views.groups[0].augment
-        return eval_view(images, self.input_size, mean=aug.mean, std=aug.std)
+        view = eval_view(images, self.input_size, mean=aug.mean, std=aug.std)
+        return view.contiguous(memory_format=self.memory_format)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return (
+            torch.channels_last if self.config.backbone.channels_last else torch.contiguous_format
+        )
 
 
 def load_encoder(run: str | Path, *, random_init: bool = False, seed: int = 0) -> Encoder:
@@ -73,11 +88,18 @@ def load_encoder(run: str | Path, *, random_init: bool = False, seed: int = 0) -
         backbone.load_state_dict(weights, strict=True)
         step = int(state["train"]["step"])
     backbone.eval()
+    if cfg.backbone.channels_last:
+        backbone.to(memory_format=torch.channels_last)
     return Encoder(backbone=backbone, config=cfg, step=step, run_dir=run_dir)
 
 
 def source_features(
-    encoder: Encoder | None, source: str, *, image_size: int, device: str = "auto", batch_size: int = 512,
+    encoder: Encoder | None,
+    source: str,
+    *,
+    image_size: int,
+    device: str = "auto",
+    batch_size: int = 512,
     cache_dir: Path | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features [N, D] float32 and labels [N] of a data source; encoder None = raw pixels in [0, 1].
@@ -88,14 +110,22 @@ def source_features(
     dataset = open_dataset([source], image_size)
     cache = None
     if encoder is not None and encoder.step >= 0 and (cache_dir or encoder.run_dir):
-        key = hashlib.sha1(f"{source}|{image_size}|{encoder.step}|{encoder.input_size}".encode()).hexdigest()[:16]
+        key = hashlib.sha1(
+            f"{source}|{image_size}|{encoder.step}|{encoder.input_size}".encode()
+        ).hexdigest()[:16]
         cache = Path(cache_dir or Path(encoder.run_dir or ".") / "features") / f"{key}.safetensors"
         if cache.is_file():
             saved = load_file(str(cache))
             return saved["features"], saved["labels"]
-    images, labels = _all_images(dataset)  # uint8 [N, 3, S, S], int64 [N] (undecodable images dropped)
+    images, labels = _all_images(
+        dataset
+    )  # uint8 [N, 3, S, S], int64 [N] (undecodable images dropped)
     if encoder is None:
-        feats = images[:, :1].flatten(1).float() / 255 if _is_grey(images) else images.flatten(1).float() / 255
+        feats = (
+            images[:, :1].flatten(1).float() / 255
+            if _is_grey(images)
+            else images.flatten(1).float() / 255
+        )
     else:
         feats = extract_features(
             encoder.backbone, images, transform=encoder.transform, batch_size=batch_size,
@@ -145,7 +175,9 @@ def eval_knn(run: str | Path | None, train: str, test: str, **kwargs) -> ProbeRe
 def embed(run: str | Path, data: str, out: str | Path, *, device: str = "auto") -> tuple[int, int]:
     """Writes the features of every image of `data` to a float32 .npy file [N, D]."""
     encoder = load_encoder(run)
-    feats, _ = source_features(encoder, data, image_size=encoder.config.data.image_size, device=device)
+    feats, _ = source_features(
+        encoder, data, image_size=encoder.config.data.image_size, device=device
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -25,13 +25,17 @@ PRETRAIN_FLAGS = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wildsight", description="Self-supervised visual features from unlabelled images.")
+    p = argparse.ArgumentParser(
+        prog="wildsight", description="Self-supervised visual features from unlabelled images."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     pre = sub.add_parser("pretrain", help="pretrain an encoder on unlabelled images")
     pre.add_argument("--config", help="YAML config (or a run directory to reproduce)")
     pre.add_argument("--recipe", help="a named recipe shipped with wildsight, e.g. fmnist_demo")
-    pre.add_argument("--data", action="append", help="image source (repeatable): folder, list.txt, fmnist:train")
+    pre.add_argument(
+        "--data", action="append", help="image source (repeatable): folder, list.txt, fmnist:train"
+    )
     pre.add_argument("--method")
     pre.add_argument("--backbone")
     pre.add_argument("--out", help="run directory")
@@ -47,8 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--lr", type=float, help="LR per 256 images (scaled with the batch)")
     pre.add_argument("--workers", type=int, help="data loader worker processes")
     pre.add_argument("--image-size", type=int)
-    pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. method.epsilon=0.03")
-    pre.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    pre.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key, e.g. method.epsilon=0.03",
+    )
+    pre.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
     pre.add_argument("--no-progress", action="store_true")
 
     ev = sub.add_parser("eval", help="evaluate frozen features")
@@ -57,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--train", required=True, help="labelled source to fit the probe on")
     ev.add_argument("--test", required=True, help="labelled source to report accuracy on")
     ev.add_argument("--json", help="write the result to this JSON file")
-    ev.add_argument("--random-init", action="store_true", help="probe the same backbone at random init")
+    ev.add_argument(
+        "--random-init", action="store_true", help="probe the same backbone at random init"
+    )
     ev.add_argument("--device", default="auto")
     ev.add_argument("--k", type=int, default=20, help="k-NN: neighbours")
     ev.add_argument("--temperature", type=float, default=0.07, help="k-NN: vote temperature")
@@ -89,7 +103,11 @@ def pretrain_tree(args: argparse.Namespace) -> dict:
         if value is not None:
             tree = config_lib.set_path(tree, key, list(value) if flag == "data" else value)
     if args.steps is not None or args.epochs is not None or args.time_budget is not None:
-        for flag, key in (("steps", "steps"), ("epochs", "epochs"), ("time_budget", "time_budget_s")):
+        for flag, key in (
+            ("steps", "steps"),
+            ("epochs", "epochs"),
+            ("time_budget", "time_budget_s"),
+        ):
             if getattr(args, flag) is None:
                 tree = config_lib.set_path(tree, f"train.{key}", None)
     if args.no_progress:
@@ -120,7 +138,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "pretrain":
         tree = pretrain_tree(args)
         if args.resume and args.out and not args.config:
-            if (Path(args.out) / "config.yaml").exists():  # resume = the run's own config + new flags
+            if (
+                Path(args.out) / "config.yaml"
+            ).exists():  # resume = the run's own config + new flags
                 tree = config_lib.merge(config_lib.read_yaml(args.out), tree)
         result = api.pretrain(config_lib.load(tree), resume=args.resume)
         print(f"done: {result.steps} steps, {result.images_per_s:.0f} img/s, last loss {result.last_loss:.4f}; "

@@ -31,7 +31,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class DataConfig:
     sources: tuple[str, ...] = ("fmnist:train",)
-    image_size: int = 0  # side of the square images handed to the views; 0 = 28 for fmnist, else 256
+    image_size: int = (
+        0  # side of the square images handed to the views; 0 = 28 for fmnist, else 256
+    )
     num_workers: int = 2
     max_skip_fraction: float = 0.5
 
@@ -41,6 +43,9 @@ class BackboneConfig:
     name: str = "resnet50"
     small_input: bool | None = None  # None = small stem when image_size <= 64
     grad_checkpointing: bool = False
+    # channels-last memory: 1.5x faster for RegNetX-200MF on this CPU (benchmarks/fmnist.py), but
+    # measured 1.5-3x SLOWER for grouped-conv RegNetY on GPUs (SPEC §4): off unless measured.
+    channels_last: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             _fail(path, f"expected {len(args)} values, got {len(value)}")
-        return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+        return tuple(
+            _convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     if tp is bool:
@@ -207,7 +214,10 @@ def merge(base: dict, override: Mapping) -> dict:
     out = dict(base)
     for key, value in override.items():
         if key == "method" and isinstance(value, Mapping) and "name" in value:
-            if isinstance(out.get("method"), Mapping) and out["method"].get("name") != value["name"]:
+            if (
+                isinstance(out.get("method"), Mapping)
+                and out["method"].get("name") != value["name"]
+            ):
                 out["method"] = {}
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             out[key] = merge(out[key], value)
@@ -247,7 +257,9 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(
+            f"config file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
     return data

@@ -17,9 +17,13 @@ class MLP(nn.Sequential):
     Hidden linear layers drop their bias when followed by BN (it would be cancelled).
     """
 
-    def __init__(self, dims: Sequence[int], *, batchnorm: bool = True, last_batchnorm: bool = False):
+    def __init__(
+        self, dims: Sequence[int], *, batchnorm: bool = True, last_batchnorm: bool = False
+    ):
         if len(dims) < 2 or any(d < 1 for d in dims):
-            raise ValueError(f"MLP dims must be at least (in, out) with positive sizes, got {tuple(dims)}")
+            raise ValueError(
+                f"MLP dims must be at least (in, out) with positive sizes, got {tuple(dims)}"
+            )
         layers: list[nn.Module] = []
         for d_in, d_out in zip(dims[:-2], dims[1:-1], strict=True):
             layers.append(nn.Linear(d_in, d_out, bias=not batchnorm))
@@ -44,7 +48,9 @@ class Prototypes(nn.Module):
     def __init__(self, dim: int, num_prototypes: int):
         super().__init__()
         if dim < 1 or num_prototypes < 2:
-            raise ValueError(f"prototypes need dim >= 1 and at least 2 prototypes, got {dim}, {num_prototypes}")
+            raise ValueError(
+                f"prototypes need dim >= 1 and at least 2 prototypes, got {dim}, {num_prototypes}"
+            )
         self.weight = nn.Parameter(torch.empty(num_prototypes, dim))  # [K, D]
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's default
         with torch.no_grad():

@@ -18,7 +18,9 @@ class RunLog:
     same file and a crash loses at most the line being written.
     """
 
-    def __init__(self, run_dir: Path, *, total_steps: int | None, initial_step: int, progress: bool):
+    def __init__(
+        self, run_dir: Path, *, total_steps: int | None, initial_step: int, progress: bool
+    ):
         self.run_dir = run_dir
         self._jsonl = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
         self._tb: Any = None
@@ -36,17 +38,20 @@ class RunLog:
             dynamic_ncols=True,
             file=sys.stderr,
             leave=True,
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,  # a log file gets a line per 30 s
         )
 
     def set_total(self, total_steps: int) -> None:
-        self._bar.total = total_steps
-        self._bar.refresh()
+        self._bar.total = total_steps  # shown at the next update
 
     def advance(self, steps: int = 1) -> None:
         self._bar.update(steps)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        clean = {k: (v if math.isfinite(v) else str(v)) if isinstance(v, float) else v for k, v in metrics.items()}
+        clean = {
+            k: (v if math.isfinite(v) else str(v)) if isinstance(v, float) else v
+            for k, v in metrics.items()
+        }
         self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
@@ -54,7 +59,9 @@ class RunLog:
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
         shown = {"loss": metrics.get("loss"), "img/s": metrics.get("images_per_s")}
-        self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if isinstance(v, float)}, refresh=False)
+        self._bar.set_postfix(
+            {k: f"{v:.4g}" for k, v in shown.items() if isinstance(v, float)}, refresh=False
+        )
 
     def message(self, text: str) -> None:
         self._bar.write(text, file=sys.stderr)

@@ -21,15 +21,6 @@ BATCH, SIZE = 2, 32
 MAX_PARAMS, MAX_MACS = 25e6, 1.5e9  # above either: meta device only
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny CPU tensors: one thread is faster and immune to a busy shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _check_shapes(model: Backbone, y: torch.Tensor, stages: list[torch.Tensor]) -> None:
     assert y.shape == (BATCH, model.feature_dim)
     assert [tuple(s.shape) for s in stages] == [(BATCH, c) for c in model.stage_dims]

@@ -1,5 +1,6 @@
 """A run that crashes and resumes ends with exactly the weights of an uninterrupted run (CPU)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,26 @@ def test_folder_with_broken_files_trains_and_reports_skips(image_folder, tmp_pat
     skipped = (result.run_dir / "skipped.tsv").read_text().splitlines()
     names = sorted(Path(line.split("\t")[0]).name for line in skipped if line)
     assert names == ["empty.jpg", "noise.png", "notes.jpg"]
+
+
+def test_time_budget_stops_on_time_and_sizes_the_schedule_to_it(image_folder, tmp_path):
+    tree = tiny_tree(image_folder, tmp_path / "run", steps=None, time_budget_s=3.0)
+    result = api.pretrain(config.load(tree))
+    assert result.stopped_by == "time_budget"
+    rows = [
+        json.loads(line)
+        for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert 3.0 <= rows[-1]["elapsed_s"] < 3.0 + 5 * (rows[-1]["elapsed_s"] / result.steps)
+    # the cosine schedule was stretched over the budget: the LR has come down to near its floor
+    assert rows[-1]["lr"] < 0.2 * max(r["lr"] for r in rows)
+
+
+def test_resume_with_a_larger_step_budget_extends_the_run(image_folder, tmp_path):
+    api.pretrain(config.load(tiny_tree(image_folder, tmp_path / "run", steps=3)))
+    result = api.pretrain(
+        config.load(tiny_tree(image_folder, tmp_path / "run", steps=5)), resume=True
+    )
+    assert result.steps == 5
+    _, state = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoints")
+    assert state["train"]["step"] == 5

@@ -30,8 +30,10 @@ def swav_loss_reference(
             if v == i:
                 continue
             z = s.astype(np.float64) / temperature
-            log_p = z - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)) - z.max(
-                1, keepdims=True
+            log_p = (
+                z
+                - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+                - z.max(1, keepdims=True)
             )
             per_crop.append(np.mean([-np.dot(codes[b], log_p[b]) for b in range(s.shape[0])]))
         total += float(np.mean(per_crop))

@@ -45,7 +45,9 @@ def sinkhorn(
     if scores.dim() != 2:
         raise ValueError(f"sinkhorn expects scores of shape [B, K], got {tuple(scores.shape)}")
     if epsilon <= 0 or iterations < 1:
-        raise ValueError(f"sinkhorn needs epsilon > 0 and iterations >= 1, got {epsilon}, {iterations}")
+        raise ValueError(
+            f"sinkhorn needs epsilon > 0 and iterations >= 1, got {epsilon}, {iterations}"
+        )
     scores = scores.float()
     shift = all_reduce_max(scores.max().reshape(1).clone())  # [1], global max score
     q = torch.exp((scores - shift) / epsilon).t()  # [K, B_local]
@@ -96,6 +98,8 @@ def swav_loss(
         codes = sinkhorn(
             pool, epsilon, iterations, all_reduce_sum=all_reduce_sum, all_reduce_max=all_reduce_max
         )[:batch]  # [B, K]
-        crop_losses = [-(codes * log_probs[v]).sum(dim=1).mean() for v in range(len(scores)) if v != i]
+        crop_losses = [
+            -(codes * log_probs[v]).sum(dim=1).mean() for v in range(len(scores)) if v != i
+        ]
         total = total + torch.stack(crop_losses).mean()
     return total / num_global

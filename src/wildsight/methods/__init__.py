@@ -29,4 +29,11 @@ def build_method(cfg: MethodConfig, backbone: Backbone, views: ViewSpec) -> Meth
     return cls(backbone, views, cfg)
 
 
-__all__ = ["METHODS", "Method", "StepOutput", "build_method", "method_config_class", "multicrop_features"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "StepOutput",
+    "build_method",
+    "method_config_class",
+    "multicrop_features",
+]

@@ -47,7 +47,9 @@ class SwAVConfig:
                 f"got {self.temperature}, {self.epsilon}, {self.sinkhorn_iterations}"
             )
         if self.queue_length < 0 or self.freeze_prototypes_steps < 0 or self.queue_start_step < 0:
-            raise ValueError("method.queue_length, freeze_prototypes_steps and queue_start_step must be >= 0")
+            raise ValueError(
+                "method.queue_length, freeze_prototypes_steps and queue_start_step must be >= 0"
+            )
 
 
 class SwAV(Method):
@@ -58,7 +60,9 @@ class SwAV(Method):
         self.cfg = cfg
         self.num_global = views.num_global
         if views.num_views < 2 or self.num_global < 1:
-            raise ValueError(f"SwAV needs at least 2 views with >= 1 global crop, got {views.num_views}")
+            raise ValueError(
+                f"SwAV needs at least 2 views with >= 1 global crop, got {views.num_views}"
+            )
         dims = (backbone.feature_dim, *cfg.hidden_dims, cfg.out_dim)
         self.projector = MLP(dims, batchnorm=cfg.head_batchnorm)
         self.prototypes = Prototypes(cfg.out_dim, cfg.num_prototypes)
@@ -77,7 +81,9 @@ class SwAV(Method):
         scores = self.prototypes(z).chunk(len(views))  # V x [B, K]
         queue_scores = None
         if self._queue_ready(step):
-            queue_scores = [self.prototypes(self.queue[i].to(z.dtype)) for i in range(self.num_global)]
+            queue_scores = [
+                self.prototypes(self.queue[i].to(z.dtype)) for i in range(self.num_global)
+            ]
         loss = swav_loss(
             scores,
             num_global=self.num_global,
@@ -101,10 +107,7 @@ class SwAV(Method):
         )
 
     def _queue_ready(self, step: int) -> bool:
-        return (
-            self.cfg.queue_length > 0
-            and int(self.queue_size) >= self.cfg.queue_length
-        )
+        return self.cfg.queue_length > 0 and int(self.queue_size) >= self.cfg.queue_length
 
     def frozen_parameters(self, step: int) -> Iterable[nn.Parameter]:
         return (self.prototypes.weight,) if step < self.cfg.freeze_prototypes_steps else ()

@@ -25,7 +25,7 @@ from wildsight.train.optim import build_optimizer, param_groups
 from wildsight.train.precision import autocast
 from wildsight.views import default_views, make_views
 
-CALIBRATION_STEPS = 10  # with a time budget, the step count is fixed after this many steps
+CALIBRATION_STEPS = 10  # with a time budget, the step count is estimated from this step on
 MAX_BAD_STEPS_IN_A_ROW = 20
 
 
@@ -62,7 +62,9 @@ def resolve_config(cfg: Config) -> Config:
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise config_lib.ConfigError("train.device is 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
+        raise config_lib.ConfigError(
+            "train.device is 'cuda' but no CUDA device is available; use 'cpu' or 'auto'"
+        )
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -95,15 +97,15 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
     backbone.set_grad_checkpointing(cfg.backbone.grad_checkpointing)
     assert cfg.views is not None
     method: Method = build_method(cfg.method, backbone, cfg.views).to(device)
+    memory_format = torch.channels_last if cfg.backbone.channels_last else torch.contiguous_format
+    method.to(memory_format=memory_format)
     scale = t.batch_size / o.lr_batch_reference  # linear LR scaling with the global batch
+    groups = param_groups(method, o.weight_decay, exclude_bias_and_norm=o.exclude_bias_and_norm)
+    for group in groups:
+        group["trust_coefficient"] = o.trust_coefficient  # read by LARS only
     optimizer = build_optimizer(
-        o.name,
-        param_groups(method, o.weight_decay, exclude_bias_and_norm=o.exclude_bias_and_norm),
-        lr=o.lr * scale, momentum=o.momentum, weight_decay=o.weight_decay,
-    )  # fmt: skip
-    if o.name == "lars":
-        for group in optimizer.param_groups:
-            group["trust_coefficient"] = o.trust_coefficient
+        o.name, groups, lr=o.lr * scale, momentum=o.momentum, weight_decay=o.weight_decay
+    )
     plateau = schedules.HalveOnPlateau(
         o.lr * scale, patience_steps=o.plateau_patience_steps, window_steps=o.plateau_window_steps,
         min_lr=o.final_lr * scale,
@@ -111,10 +113,6 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
 
     # ---- fresh run or resume: every piece of state that affects the next step is restored
     state = {"step": 0, "total_steps": None, "elapsed_s": 0.0, "images_seen": 0, "bad_steps": 0}
-    if epochs := t.epochs:
-        state["total_steps"] = max(1, math.ceil(epochs * len(loader)))
-    if t.steps is not None:
-        state["total_steps"] = min(t.steps, state["total_steps"] or t.steps)
     if resume and (ckpt_dir / "latest").exists():
         tensors, saved = checkpoint.load_checkpoint(ckpt_dir)
         parts = checkpoint.unflatten_state(tensors, saved["tensor_meta"])
@@ -126,13 +124,20 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
         state.update(saved["train"])
     elif resume:
         print(f"wildsight: --resume given but {ckpt_dir} holds no checkpoint; starting a new run")
+    if t.epochs is not None or t.steps is not None:  # the config's budget rules, also on resume
+        by_epochs = math.ceil(t.epochs * len(loader)) if t.epochs is not None else None
+        state["total_steps"] = max(1, min(x for x in (t.steps, by_epochs) if x is not None))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config_lib.dump(cfg))
 
     def save() -> None:
         rng = checkpoint.rng_state()
         tensors, meta = checkpoint.flatten_state(
-            {"model": method.state_dict(), "optim": optimizer.state_dict(), "rng": {"torch": rng.pop("torch")}}
+            {
+                "model": method.state_dict(),
+                "optim": optimizer.state_dict(),
+                "rng": {"torch": rng.pop("torch")},
+            }
         )
         checkpoint.save_checkpoint(
             ckpt_dir, int(state["step"]), tensors=tensors, keep_last=t.keep_last,
@@ -144,8 +149,8 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
     def learning_rate(step: int, last_loss: float) -> float:
         if o.schedule == "constant":
             return o.lr * scale
-        if o.schedule == "plateau":
-            return plateau.step(step, last_loss)
+        if o.schedule == "plateau":  # SEER online: fixed LR, halved when the loss stops going down
+            return plateau.step(step, last_loss) if math.isfinite(last_loss) else plateau.lr
         total = state["total_steps"]
         if total is None and step >= o.warmup_steps:  # time budget not calibrated yet
             return o.lr * scale
@@ -155,22 +160,28 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
         )  # fmt: skip
 
     # ---- the loop
-    log = RunLog(run_dir, total_steps=state["total_steps"], initial_step=state["step"], progress=t.progress)
+    log = RunLog(
+        run_dir, total_steps=state["total_steps"], initial_step=state["step"], progress=t.progress
+    )
     method.train()
     last_loss, window_loss, window_images, window_start = float("nan"), [], 0, time.perf_counter()
-    calib_start = 0.0
+    tick = window_start
     stopped_by = "steps"
     try:
         for batch in loader:
             step = int(state["step"])
             if state["total_steps"] is not None and step >= state["total_steps"]:
-                break
+                if t.time_budget_s is None or t.steps is not None or t.epochs is not None:
+                    break
+                if state["elapsed_s"] >= t.time_budget_s:
+                    stopped_by = "time_budget"
+                    break
             if t.time_budget_s is not None and state["elapsed_s"] >= t.time_budget_s:
                 stopped_by = "time_budget"
                 break
-            started = time.perf_counter()
             images = batch.images.to(device, non_blocking=True)  # uint8 [B, 3, S, S]
             views = make_views(images, cfg.views, view_generator(t.seed, step, distributed.rank()))
+            views = [v.contiguous(memory_format=memory_format) for v in views]  # [B, 3, s, s] each
             lr = learning_rate(step, last_loss)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -202,17 +213,17 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
             last_loss = out.loss.item()
             state["step"] = step + 1
             state["images_seen"] += len(images)
-            state["elapsed_s"] += time.perf_counter() - started
+            tick, previous = time.perf_counter(), tick
+            state["elapsed_s"] += tick - previous  # wall time, data loading included
             window_loss.append(last_loss)
             window_images += len(images)
             log.advance()
-            if t.time_budget_s is not None and state["total_steps"] is None:
-                if step + 1 == 3:
-                    calib_start = state["elapsed_s"]
-                if step + 1 == 3 + CALIBRATION_STEPS:
-                    per_step = (state["elapsed_s"] - calib_start) / CALIBRATION_STEPS
-                    remaining = t.time_budget_s - state["elapsed_s"]
-                    state["total_steps"] = step + 1 + max(0, int(remaining / per_step))
+            if t.time_budget_s is not None and t.steps is None and t.epochs is None:
+                # time budget: the step count is re-estimated from the measured pace every step,
+                # so the cosine schedule ends when the budget does, even on a noisy machine
+                if step + 1 >= CALIBRATION_STEPS:
+                    pace = (step + 1) / state["elapsed_s"]  # steps per second so far
+                    state["total_steps"] = max(step + 2, round(pace * t.time_budget_s))
                     log.set_total(state["total_steps"])
             if state["step"] % t.log_every_steps == 0 or state["step"] == state["total_steps"]:
                 now = time.perf_counter()

@@ -21,15 +21,6 @@ GOLDEN = json.loads((Path(__file__).parents[2] / "golden" / "backbone_complexity
 ROWS = {row["name"]: row for row in describe_backbones()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny CPU tensors: one thread is faster and immune to a busy shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", sorted(GOLDEN["models"]))
 def test_published_complexity(name: str) -> None:
     published, row = GOLDEN["models"][name], ROWS[name]

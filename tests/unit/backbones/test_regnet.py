@@ -11,15 +11,6 @@ from wildsight.backbones import RegNet, RegNetParams, classifier_complexity, gen
 from wildsight.backbones.regnet import PRESETS, regnet_complexity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny CPU tensors: one thread is faster and immune to a busy shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_seer_256gf_stages_and_head_width() -> None:
     # Goyal et al., 2021: d 27, w0 640, wa 230.83, wm 2.53, g 373 -> stages (2, 7, 17, 1) and a
     # head whose first layer takes 10,444 features.

@@ -9,15 +9,6 @@ from wildsight.backbones import ResNet, ResNetParams, build_backbone, count_para
 from wildsight.backbones.resnet import PRESETS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny CPU tensors: one thread is faster and immune to a busy shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _meta(params: ResNetParams, **kwargs) -> ResNet:
     with torch.device("meta"):
         return ResNet(params, **kwargs)

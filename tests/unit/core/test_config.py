@@ -9,14 +9,21 @@ from wildsight.cli import main
 
 
 def test_unknown_key_names_the_nearest_valid_spelling():
-    with pytest.raises(config.ConfigError, match=r"method\.num_prototype: unknown config key; did you mean 'num_prototypes'"):
+    with pytest.raises(
+        config.ConfigError,
+        match=r"method\.num_prototype: unknown config key; did you mean 'num_prototypes'",
+    ):
         config.load({"method": {"name": "swav", "num_prototype": 10}})
 
 
 def test_wrong_type_names_key_and_expected_type():
-    with pytest.raises(config.ConfigError, match=r"train\.batch_size: expected an integer, got 'big'"):
+    with pytest.raises(
+        config.ConfigError, match=r"train\.batch_size: expected an integer, got 'big'"
+    ):
         config.load({"train": {"batch_size": "big"}})
-    with pytest.raises(config.ConfigError, match=r"train\.precision: must be one of \['fp32', 'bf16'\]"):
+    with pytest.raises(
+        config.ConfigError, match=r"train\.precision: must be one of \['fp32', 'bf16'\]"
+    ):
         config.load({"train": {"precision": "fp16"}})
 
 
@@ -26,15 +33,29 @@ def test_unknown_method_is_refused_with_choices():
 
 
 def test_dump_then_load_round_trips():
-    cfg = config.load({"train": {"steps": 5, "batch_size": 32}, "views": {"groups": [
-        {"count": 2, "size": 32, "scale": [0.25, 1.0]}, {"count": 4, "size": 16, "scale": [0.1, 0.4]}]}})
+    cfg = config.load(
+        {
+            "train": {"steps": 5, "batch_size": 32},
+            "views": {
+                "groups": [
+                    {"count": 2, "size": 32, "scale": [0.25, 1.0]},
+                    {"count": 4, "size": 16, "scale": [0.1, 0.4]},
+                ]
+            },
+        }
+    )
     import yaml
 
     assert config.load(yaml.safe_load(config.dump(cfg))) == cfg
 
 
 @pytest.mark.parametrize(
-    "name", sorted(p.name[:-5] for p in (resources.files("wildsight") / "recipes").iterdir() if p.name.endswith(".yaml"))
+    "name",
+    sorted(
+        p.name[:-5]
+        for p in (resources.files("wildsight") / "recipes").iterdir()
+        if p.name.endswith(".yaml")
+    ),
 )
 def test_every_recipe_is_a_valid_config(name):
     cfg = config.load(config.read_yaml(config.recipe_path(name)))
@@ -47,7 +68,11 @@ def test_seer_recipe_states_the_published_hyper_parameters():
     assert cfg.optim.lr * scale == pytest.approx(9.6)
     assert cfg.optim.start_lr * scale == pytest.approx(0.15)
     assert cfg.optim.final_lr * scale == pytest.approx(0.0096)
-    assert (cfg.method.num_prototypes, cfg.method.sinkhorn_iterations, cfg.method.out_dim) == (16384, 10, 256)
+    assert (cfg.method.num_prototypes, cfg.method.sinkhorn_iterations, cfg.method.out_dim) == (
+        16384,
+        10,
+        256,
+    )
     assert cfg.method.hidden_dims == (8192, 8192) and not cfg.method.head_batchnorm
 
 
@@ -56,7 +81,20 @@ def test_cli_bad_values_are_one_line_errors_with_exit_code_2(capsys, tmp_path):
                  "--out", str(tmp_path / "r")]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "did you mean 'epsilon'" in err
-    assert main(["pretrain", "--data", str(tmp_path / "nowhere"), "--steps", "1", "--out", str(tmp_path / "r")]) == 2
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(tmp_path / "nowhere"),
+                "--steps",
+                "1",
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nowhere" in err
     assert main(["pretrain", "--recipe", "fmnist_dem"]) == 2

@@ -10,7 +10,6 @@ all 10,000 test images give 84.6%).
 from __future__ import annotations
 
 import gzip
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +29,6 @@ pytestmark = pytest.mark.skipif(
     not all((ROOT / f).exists() for f in FILES.values()),
     reason=f"Fashion-MNIST not installed in {ROOT} (apt-get install dataset-fashion-mnist)",
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """On 2 shared cores a second OpenMP thread made these runs 3x slower, never 2x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def read_idx(name: str) -> torch.Tensor:

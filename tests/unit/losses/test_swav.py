@@ -27,12 +27,19 @@ def test_sinkhorn_matches_float64_alternating_normalisation(batch, prototypes, i
 
 def test_sinkhorn_marginals():
     batch, prototypes = 256, 16
-    codes = sinkhorn(_cosine_scores(batch, prototypes, seed=1), epsilon=0.05, iterations=30).double()
+    codes = sinkhorn(
+        _cosine_scores(batch, prototypes, seed=1), epsilon=0.05, iterations=30
+    ).double()
     # each sample's code sums to 1 (exactly: the last step normalises columns)
-    torch.testing.assert_close(codes.sum(1), torch.ones(batch, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        codes.sum(1), torch.ones(batch, dtype=torch.float64), atol=1e-6, rtol=0
+    )
     # each prototype receives about B/K of the batch (exact in the limit of many iterations)
     torch.testing.assert_close(
-        codes.sum(0), torch.full((prototypes,), batch / prototypes, dtype=torch.float64), atol=1e-3, rtol=1e-3
+        codes.sum(0),
+        torch.full((prototypes,), batch / prototypes, dtype=torch.float64),
+        atol=1e-3,
+        rtol=1e-3,
     )
 
 
@@ -67,12 +74,16 @@ def test_sinkhorn_distributed_reductions_equal_one_big_batch():
             barrier.wait()
             t.copy_(op(mine, theirs))
             return t
+
         return reduce
 
     def worker(side: int):
         results[side] = sinkhorn(
-            halves[side], 0.05, 3,
-            all_reduce_sum=reducer(side, torch.add), all_reduce_max=reducer(side, torch.maximum),
+            halves[side],
+            0.05,
+            3,
+            all_reduce_sum=reducer(side, torch.add),
+            all_reduce_max=reducer(side, torch.maximum),
         )
 
     threads = [threading.Thread(target=worker, args=(s,)) for s in (0, 1)]
