@@ -74,8 +74,7 @@ def test_time_budget_stops_on_time_and_sizes_the_schedule_to_it(image_folder, tm
     result = api.pretrain(config.load(tree))
     assert result.stopped_by == "time_budget"
     rows = [
-        json.loads(line)
-        for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+        json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
     ]
     assert 3.0 <= rows[-1]["elapsed_s"] < 3.0 + 5 * (rows[-1]["elapsed_s"] / result.steps)
     # the cosine schedule was stretched over the budget: the LR has come down to near its floor
