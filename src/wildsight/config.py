@@ -97,8 +97,6 @@ class Config:
         t = self.train
         if t.batch_size < 2:
             raise ConfigError(f"train.batch_size must be >= 2, got {t.batch_size}")
-        if sum(x is not None for x in (t.steps, t.epochs, t.time_budget_s)) == 0:
-            pass  # resolved by the caller (a recipe or the CLI must give a budget)
         for key in ("steps", "epochs", "time_budget_s"):
             value = getattr(t, key)
             if value is not None and value <= 0:
