@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--epochs", type=float)
     budget.add_argument("--time-budget", type=float, metavar="SECONDS")
     pre.add_argument("--batch-size", type=int)
-    pre.add_argument("--precision", choices=["fp32", "bf16"])
+    pre.add_argument("--precision", choices=["fp32", "bf16", "auto"])
     pre.add_argument("--checkpoint-every", type=int, metavar="STEPS")
     pre.add_argument("--seed", type=int)
     pre.add_argument("--device", choices=["auto", "cpu", "cuda"])

@@ -75,7 +75,7 @@ class TrainConfig:
     epochs: float | None = None
     time_budget_s: float | None = None
     batch_size: int = 256  # global batch, over all processes
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "auto"] = "auto"  # auto: bf16 where the hardware has it
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every_steps: int = 1000

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-PRECISIONS = ("fp32", "bf16")
+from wildsight.train.precision import PRECISIONS
+from wildsight.train.precision import autocast as precision_autocast
 
 
 def extract_features(
@@ -25,7 +25,7 @@ def extract_features(
     Batches are moved to ``device`` as uint8 (4x less traffic than float) and ``transform``
     turns them into the model input there. Runs under ``torch.inference_mode()``; an
     ``nn.Module`` is put in eval mode and given back in the mode it came in, even on error.
-    precision "bf16" runs the model under ``torch.autocast(device.type, torch.bfloat16)``; the
+    precision "bf16" (or "auto" where the hardware has bf16) runs the model under ``torch.autocast(device.type, torch.bfloat16)``; the
     result is float32 either way. The result is a normal tensor (not an inference tensor), so
     probes may use it with autograd.
     """
@@ -41,11 +41,7 @@ def extract_features(
     if images.shape[0] == 0:
         raise ValueError("extract_features got no images")
     device = torch.device(device)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if precision == "bf16"
-        else contextlib.nullcontext()
-    )
+    autocast = precision_autocast(device, precision)
     was_training = model.training if isinstance(model, nn.Module) else None
     chunks: list[Tensor] = []
     try:
