@@ -1,18 +1,23 @@
-"""Command line: `wildsight pretrain | eval linear|knn | embed | models | demo`. Thin: it turns
+"""Command line: `wildsight pretrain | eval linear|mlp|knn|transfer|finetune|lowshot | distill | report | embed | shards | models | demo`. Thin: it turns
 flags into config overrides and calls `wildsight.api`. Errors are one line and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from wildsight import config as config_lib
+
+if TYPE_CHECKING:
+    from wildsight.eval.finetune import FinetuneConfig
 
 # flag -> dotted config key (every flag is also settable from YAML under that key)
 PRETRAIN_FLAGS = {
@@ -21,7 +26,10 @@ PRETRAIN_FLAGS = {
     "batch_size": "train.batch_size", "precision": "train.precision",
     "checkpoint_every": "train.checkpoint_every_steps", "seed": "train.seed", "device": "train.device",
     "lr": "optim.lr", "workers": "data.num_workers", "image_size": "data.image_size",
+    "init_from": "train.init_from",
+    "memory": "method.memory",
 }  # fmt: skip
+STOP_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + signal number, as a shell reports it
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--config", help="YAML config (or a run directory to reproduce)")
     pre.add_argument("--recipe", help="a named recipe shipped with wildsight, e.g. fmnist_demo")
     pre.add_argument(
-        "--data", action="append", help="image source (repeatable): folder, list.txt, fmnist:train"
+        "--data",
+        action="append",
+        help="image source (repeatable): folder, list.txt, fmnist:train, shard folder or "
+        "'dir/shard-{000000..000099}.tar'",
     )
     pre.add_argument("--method")
     pre.add_argument("--backbone")
@@ -52,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--workers", type=int, help="data loader worker processes")
     pre.add_argument("--image-size", type=int)
     pre.add_argument(
+        "--memory", type=int, metavar="N", help="simclr: MoCo-style queue of N negatives"
+    )
+    pre.add_argument(
         "--set",
         action="append",
         default=[],
@@ -61,10 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
+    pre.add_argument(
+        "--init-from", metavar="RUN_OR_CHECKPOINT", help="new run from these trained weights"
+    )
     pre.add_argument("--no-progress", action="store_true")
 
     ev = sub.add_parser("eval", help="evaluate frozen features")
-    ev.add_argument("protocol", choices=["linear", "knn"])
+    ev.add_argument("protocol", choices=["linear", "mlp", "knn", "transfer", "finetune", "lowshot"])
     ev.add_argument("--checkpoint", required=True, help="run directory of a pretrain run")
     ev.add_argument("--train", required=True, help="labelled source to fit the probe on")
     ev.add_argument("--test", required=True, help="labelled source to report accuracy on")
@@ -73,8 +90,35 @@ def _parser() -> argparse.ArgumentParser:
         "--random-init", action="store_true", help="probe the same backbone at random init"
     )
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--k", type=int, default=20, help="k-NN: neighbours")
+    ev.add_argument("--k", type=int, nargs="+", default=[20], help="k-NN: k (one row each)")
+    ev.add_argument("--solver", choices=["lbfgs", "sgd"], default="lbfgs", help="linear/transfer")
+    ev.add_argument("--layers", nargs="+", default=None, help="stage1 ... pre_logits, or all")
+    ev.add_argument("--name", help="result name: RUN_DIR/eval/NAME.json (default from the options)")
     ev.add_argument("--temperature", type=float, default=0.07, help="k-NN: vote temperature")
+    ev.add_argument("--fraction", type=float, help="finetune: class-balanced share of the labels")
+    ev.add_argument("--seed", type=int, default=0, help="finetune: label subset and training seed")
+    ev.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1], help="lowshot")
+    ev.add_argument("--seeds", type=int, default=3, help="lowshot: seeds 0 .. N-1 per fraction")
+    ev.add_argument("--probe", action="store_true", help="lowshot: linear probe, not fine-tuning")
+    ev.add_argument("--keep-head-layers", type=int, help="simclr: fine-tune from head layer N")
+    _finetune_flags(ev, default_steps=600)
+
+    di = sub.add_parser("distill", help="SimCLR v2 step 3: a fine-tuned teacher -> a student")
+    di.add_argument("--teacher", required=True, help="folder of `eval finetune --save DIR`")
+    di.add_argument(
+        "--unlabelled", required=True, help="images the teacher labels, e.g. fmnist:train"
+    )
+    di.add_argument("--test", required=True, help="labelled source to report both accuracies on")
+    student = di.add_mutually_exclusive_group()
+    student.add_argument("--student-checkpoint", help="pretrain run to start the student from "
+                                                      "(default: the teacher's own run)")  # fmt: skip
+    student.add_argument("--student-backbone", help="a backbone name, trained from random init")
+    di.add_argument("--temperature", type=float, default=1.0, help="T of P(y|x; T)")
+    di.add_argument("--alpha", type=float, default=1.0, help="weight of distillation vs labels")
+    di.add_argument("--train", help="labelled source for alpha < 1 (default: the teacher's)")
+    di.add_argument("--json", help="write the result to this JSON file")
+    di.add_argument("--device", default="auto")
+    _finetune_flags(di, default_steps=1500)
 
     em = sub.add_parser("embed", help="write features of images to a .npy file")
     em.add_argument("--checkpoint", required=True)
@@ -82,8 +126,19 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--out", required=True)
     em.add_argument("--device", default="auto")
 
+    rp = sub.add_parser("report", help="(re)build RUN_DIR/report.html from RUN_DIR/eval/*.json")
+    rp.add_argument("run_dir")
+
     mo = sub.add_parser("models", help="list backbones with parameters and GFLOPs")
     mo.add_argument("--json", action="store_true")
+
+    sh = sub.add_parser("shards", help="pack image sources into WebDataset tar shards")
+    sh.add_argument("--data", action="append", required=True, help="image source (repeatable)")
+    sh.add_argument("--out", required=True, help="folder for shard-000000.tar ... and index.json")
+    sh.add_argument("--shard-size", type=int, required=True, metavar="N", help="images per shard")
+    sh.add_argument("--reencode", choices=["none", "png", "jpeg"], default="none",
+                    help="none: keep each file's bytes (IDX images become PNG)")  # fmt: skip
+    sh.add_argument("--workers", type=int, default=0, help="decoding processes")
 
     de = sub.add_parser("demo", help="SwAV on Fashion-MNIST, then probes (what `make demo` runs)")
     de.add_argument("--out", default="runs/demo")
@@ -124,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:  # one line, exit code 2
+    except (ValueError, OSError, RuntimeError) as err:  # one line, exit code 2
         print(f"wildsight: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -145,16 +200,26 @@ def _run(args: argparse.Namespace) -> int:
         result = api.pretrain(config_lib.load(tree), resume=args.resume)
         print(f"done: {result.steps} steps, {result.images_per_s:.0f} img/s, last loss {result.last_loss:.4f}; "
               f"run in {result.run_dir}")  # fmt: skip
-    elif args.command == "eval":
+        if result.stopped_by in STOP_EXIT_CODES:  # preempted: checkpoint saved, --resume goes on
+            return STOP_EXIT_CODES[result.stopped_by]
+    elif args.command == "eval" and args.protocol in ("linear", "mlp", "knn", "transfer"):
         from wildsight.eval import format_table
 
-        kwargs = {"k": args.k, "temperature": args.temperature} if args.protocol == "knn" else {}
-        fn = api.eval_linear if args.protocol == "linear" else api.eval_knn
-        result = fn(args.checkpoint, args.train, args.test, random_init=args.random_init,
-                    json_path=args.json, device=args.device, **kwargs)  # fmt: skip
-        row = {"checkpoint": args.checkpoint, "protocol": args.protocol, "top1": result.top1,
-               "val_top1": result.val_top1, "params": json.dumps(result.params)}  # fmt: skip
-        print(format_table([row], list(row)))
+        doc = api.evaluate(args.protocol, args.checkpoint, args.train, args.test, layers=args.layers,
+                           solver=args.solver, ks=args.k, temperature=args.temperature,
+                           random_init=args.random_init, device=args.device, json_path=args.json,
+                           name=args.name)  # fmt: skip
+        rows = [{**r, "params": json.dumps(r["params"])} for r in doc["rows"]]
+        shown = ("features", "layer", "k", "top1", "val_top1", "params")
+        columns = [c for c in shown if c in rows[0]]
+        print(format_table(rows, columns, title=f"{args.protocol}: {args.train} -> {args.test}"))
+        print(f"report: {Path(args.checkpoint) / 'report.html'}")
+    elif args.command == "eval":  # finetune | lowshot
+        _run_finetune(args)
+    elif args.command == "distill":
+        _run_distill(args)
+    elif args.command == "report":
+        print(f"report: {api.report(args.run_dir)}")
     elif args.command == "embed":
         n, d = api.embed(args.checkpoint, args.data, args.out, device=args.device)
         print(f"wrote {n} x {d} features to {args.out}")
@@ -168,11 +233,79 @@ def _run(args: argparse.Namespace) -> int:
         else:
             shown = [{**r, "params_M": r["params"] / 1e6} for r in rows]
             print(format_table(shown, ["name", "family", "params_M", "gflops", "feature_dim"]))
+    elif args.command == "shards":
+        packed = api.make_shards(args.data, args.out, shard_size=args.shard_size,
+                                 reencode=args.reencode, workers=args.workers)  # fmt: skip
+        print(f"packed {packed.total} images in {len(packed.shards)} shards into {packed.out_dir} "
+              f"({packed.skipped} skipped" + (", see skipped.tsv)" if packed.skipped else ")"))  # fmt: skip
     elif args.command == "demo":
         from wildsight.demo import DEMO_TIME_BUDGET_S, run_demo
 
         run_demo(args.out, time_budget_s=args.time_budget or DEMO_TIME_BUDGET_S)
     return 0
+
+
+def _finetune_flags(p: argparse.ArgumentParser, *, default_steps: int) -> None:
+    """Flags of the fine-tuning optimisation (eval finetune | lowshot, distill); None = default."""
+    p.add_argument("--steps", type=int, help=f"optimizer steps (default {default_steps})")
+    p.add_argument(
+        "--epochs", type=float, help="passes over the training images (wins over --steps)"
+    )
+    p.add_argument("--batch-size", type=int, help="images per step (default 64)")
+    p.add_argument("--lr", type=float, help="SGD LR per 256 images (default 0.1), /10 at 30/35")
+    p.add_argument("--weight-decay", type=float, help="default 1e-4 (SEER)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="default auto")
+    p.add_argument("--save", metavar="DIR", help="write the trained classifier to DIR")
+
+
+def _finetune_config(args: argparse.Namespace, base: FinetuneConfig) -> FinetuneConfig:
+    flags = {"steps": args.steps, "epochs": args.epochs, "batch_size": args.batch_size,
+             "lr": args.lr, "weight_decay": args.weight_decay, "precision": args.precision,
+             "device": args.device}  # fmt: skip
+    return dataclasses.replace(base, **{k: v for k, v in flags.items() if v is not None})
+
+
+def _run_finetune(args: argparse.Namespace) -> None:
+    """eval finetune | eval lowshot: the whole network trained on (a subset of) the labels."""
+    from wildsight import api
+    from wildsight.eval import format_table
+    from wildsight.eval.finetune import DEFAULT_FINETUNE
+
+    cfg = _finetune_config(args, DEFAULT_FINETUNE)
+    if args.protocol == "finetune":
+        doc = api.eval_finetune(args.checkpoint, args.train, args.test, fraction=args.fraction,
+                                seed=args.seed, random_init=args.random_init,
+                                keep_head_layers=args.keep_head_layers, config=cfg,
+                                json_path=args.json, save_dir=args.save, name=args.name)  # fmt: skip
+        columns = ["features", "fraction", "num_train", "steps", "seconds", "train_top1", "top1"]
+        print(format_table(doc["rows"], columns, title=f"fine-tune: {args.train} -> {args.test}"))
+    else:
+        doc = api.eval_lowshot(args.checkpoint, args.train, args.test, fractions=args.fractions,
+                               seeds=args.seeds, protocol="linear" if args.probe else "finetune",
+                               keep_head_layers=args.keep_head_layers, config=cfg,
+                               json_path=args.json, name=args.name or "lowshot")  # fmt: skip
+        rows = [{**r, "mean_top1": r["mean"], "std_top1": r["std"]} for r in doc["rows"]]
+        columns = ["model", "fraction", "num_labels", "seeds", "mean_top1", "std_top1"]
+        print(format_table(rows, columns, title=f"low-shot {doc['evaluation']}: {args.train} -> "
+                                                f"{args.test}, mean +- std over seeds"))  # fmt: skip
+    print(f"report: {Path(args.checkpoint) / 'report.html'}")
+
+
+def _run_distill(args: argparse.Namespace) -> None:
+    from wildsight import api
+    from wildsight.eval import format_table
+    from wildsight.eval.distill import DEFAULT_DISTILL, DistillConfig
+
+    cfg = DistillConfig(temperature=args.temperature, alpha=args.alpha,
+                        train=_finetune_config(args, DEFAULT_DISTILL.train))  # fmt: skip
+    doc = api.distill(args.teacher, args.unlabelled, args.test,
+                      student_checkpoint=args.student_checkpoint,
+                      student_backbone=args.student_backbone, train=args.train, config=cfg,
+                      json_path=args.json, save_dir=args.save)  # fmt: skip
+    print(format_table(doc["rows"], ["model", "features", "top1"],
+                       title=f"distillation on {args.unlabelled} (T={args.temperature}, "
+                             f"alpha={args.alpha}), test {args.test}"))  # fmt: skip
+    print(f"student agrees with the teacher on {100 * doc['agreement']:.1f}% of the test images")
 
 
 if __name__ == "__main__":

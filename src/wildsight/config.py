@@ -82,6 +82,12 @@ class TrainConfig:
     keep_last: int = 3
     log_every_steps: int = 10
     progress: bool = True
+    init_from: str | None = None  # run or checkpoint directory: its weights, a fresh optimizer
+    max_nonfinite_steps_in_a_row: int = 20  # skipped NaN/inf steps before the run stops
+    # several processes (torchrun), train/parallel.py: DDP replicates the model, FSDP shards it
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    syncbn_group_size: int = 0  # BN statistics over groups of this many processes; SEER: 64
+    accumulate_steps: int = 1  # micro-batches per optimizer step (batch_size is per step, global)
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,11 @@ class Config:
         t = self.train
         if t.batch_size < 2:
             raise ConfigError(f"train.batch_size must be >= 2, got {t.batch_size}")
+        if t.syncbn_group_size < 0 or t.accumulate_steps < 1:  # parallel keys (train/parallel.py)
+            raise ConfigError(
+                "train.syncbn_group_size must be >= 0 (0 = off) and train.accumulate_steps >= 1, "
+                f"got {t.syncbn_group_size} and {t.accumulate_steps}"
+            )
         for key in ("steps", "epochs", "time_budget_s"):
             value = getattr(t, key)
             if value is not None and value <= 0:

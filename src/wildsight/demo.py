@@ -26,6 +26,8 @@ def run_demo(out: str | Path = "runs/demo", *, time_budget_s: float = DEMO_TIME_
                                    "train": {"out": str(out), "time_budget_s": time_budget_s, "steps": None}})  # fmt: skip
     tree = config_lib.merge(tree, overrides or {})
     result = api.pretrain(config_lib.load(tree))
+    if result.stopped_by in ("SIGINT", "SIGTERM"):  # the user stopped it (checkpoint saved)
+        raise KeyboardInterrupt
     print(
         f"pretrained {result.steps} steps ({result.images_seen:,} images, {result.images_per_s:.0f} img/s) "
         f"in {result.images_seen / max(result.images_per_s, 1e-9):.0f} s; evaluating ..."

@@ -62,3 +62,26 @@ class Prototypes(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return z @ self.weight.t()  # [B, K]
+
+
+class PatchClassifier(nn.Sequential):
+    """Revisiting's patch-task head (AlexNet fc7-fc8): Linear -> BN -> ReLU -> Dropout -> Linear.
+
+    Jigsaw and Relative patch location feed it the concatenated embeddings of one image's
+    tiles in the order to be recognised (Kolesnikov et al., 2019, code: 4096 hidden units,
+    dropout 0.5): [N, tiles x embed_dim] -> logits [N, num_classes].
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, num_classes: int, dropout: float = 0.5):
+        if min(in_dim, hidden_dim, num_classes) < 1 or not 0.0 <= dropout < 1.0:
+            raise ValueError(
+                "PatchClassifier needs positive sizes and dropout in [0, 1), got "
+                f"{in_dim}, {hidden_dim}, {num_classes}, {dropout}"
+            )
+        super().__init__(
+            nn.Linear(in_dim, hidden_dim, bias=False),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, num_classes),
+        )

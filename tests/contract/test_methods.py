@@ -16,6 +16,16 @@ def _method(name: str):
         method_cfg = config.from_dict(type(cfg.method), {"name": "swav", "hidden_dims": [32], "out_dim": 16,
                                                           "num_prototypes": 12, "freeze_prototypes_steps": 1,
                                                           "queue_length": 8})  # fmt: skip
+    small = {  # small heads; SimCLR with its MoCo-style memory, so the momentum encoder runs too
+        "simclr": {"hidden_dim": 32, "out_dim": 16, "memory": 8},
+        "byol": {"hidden_dim": 32, "out_dim": 16, "predictor_hidden_dim": 24},
+        "rotation": {"hidden_dims": [16]},
+        "jigsaw": dict(embed_dim=8, hidden_dim=32, num_permutations=10, permutations_per_image=3),
+        "rpl": {"embed_dim": 8, "hidden_dim": 32},
+        "exemplar": {"embed_dim": 16},
+    }
+    if name in small:
+        method_cfg = config.load({"method": {"name": name, **small[name]}}).method
     views = default_views(16, name)
     return build_method(method_cfg, build_backbone("regnetx_200mf", small_input=True), views), views
 

@@ -7,6 +7,7 @@ bad one is named once in the SkipLog (and its TSV), whatever the number of epoch
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 import zlib
@@ -165,3 +166,61 @@ def test_list_file_with_missing_and_bad_entries(mess, tmp_path):
     batches = list(loader)
     assert sum(len(b.indices) for b in batches) == len(good)
     assert log.count == len(bad) + 1 and log.by_reason["missing"] == 1
+
+
+# ---------------------------------------------------------------- the same mess in training
+
+
+def test_training_uses_every_good_image_and_lists_each_bad_one_once(mess, tmp_path, monkeypatch):
+    """Two epochs of pretraining on the mess (plus good PNGs to fill the batches): each epoch
+    trains on every good image exactly once and on no bad one; skipped.tsv names each bad file
+    once, and the logged count agrees. (An unreadable file is good when the tests run as root,
+    which reads files whatever their permissions; `make_mess` sorts it accordingly.)"""
+    from tests.conftest import tiny_tree, write_images
+    from wildsight import api, config
+    from wildsight.train import trainer
+
+    root, good, bad = mess
+    extra = 8 - (len(good) + len(bad)) % 8 + 8  # whole batches of 8: no tail dropped per epoch
+    good |= {str(p) for p in write_images(root / "extra", extra, size=12)}
+    epoch_batches = (len(good) + len(bad)) // 8
+    trained: list[list[str]] = []
+
+    class Recording(trainer.Loader):
+        def __iter__(self):
+            for batch in super().__iter__():
+                trained.append([self.dataset.key(i) for i in batch.indices.tolist()])
+                yield batch
+
+    monkeypatch.setattr(trainer, "Loader", Recording)
+    run = tmp_path / "run"
+    tree = tiny_tree(root, run, steps=2 * epoch_batches)
+    tree["data"]["num_workers"] = 2
+    api.pretrain(config.load(tree))
+    assert len(trained) == 2 * epoch_batches  # no batch came out empty
+    for epoch in (trained[:epoch_batches], trained[epoch_batches:]):
+        keys = [k for batch in epoch for k in batch]
+        assert sorted(keys) == sorted(good)  # every good image once, no bad one
+    rows = [line.split("\t") for line in (run / "skipped.tsv").read_text().splitlines()]
+    assert sorted(key for key, _ in rows) == sorted(bad)  # each bad file once, after 2 epochs
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["skipped_images"] == len(bad)
+
+
+def test_a_source_of_mostly_bad_files_stops_with_a_clear_error(tmp_path, capsys):
+    from tests.conftest import tiny_tree
+    from wildsight.cli import main
+    from wildsight.config import dump, load
+
+    folder = tmp_path / "junk"
+    folder.mkdir()
+    for i in range(8):
+        (folder / f"good{i}.png").write_bytes(encode(photo(i, (12, 12)), "PNG"))
+    for i in range(72):
+        (folder / f"page{i:02d}.jpg").write_text("<html>not an image</html>")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(dump(load(tiny_tree(folder, tmp_path / "run", steps=50))))
+    assert main(["pretrain", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("wildsight: error:") and "could not be decoded" in err
+    assert "not an image" in err and "max_skip_fraction" in err

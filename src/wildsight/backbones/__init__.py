@@ -1,4 +1,5 @@
-"""Image encoders: RegNet (pycls, SEER) and ResNet v1/v2 with width k, by name or by parameters.
+"""Image encoders, by name or by parameters: RegNet (pycls, SEER), ResNet v1/v2 and RevNet with
+width k, VGG-BN, and SimCLR v2's selective-kernel ResNet.
 
 backbone = build_backbone("regnety_400mf", small_input=True)
 features = backbone(images)  # [B, 3, H, W] float -> [B, backbone.feature_dim]
@@ -15,6 +16,9 @@ from wildsight.backbones.layers import Backbone
 from wildsight.backbones.registry import BACKBONES, build_backbone, describe_backbones
 from wildsight.backbones.regnet import RegNet, RegNetParams, generate_regnet
 from wildsight.backbones.resnet import ResNet, ResNetParams
+from wildsight.backbones.revnet import RevNet, RevNetParams
+from wildsight.backbones.sk_resnet import SKResNet, SKResNetParams
+from wildsight.backbones.vgg import VGG, VGGParams
 
 __all__ = [
     "BACKBONES",
@@ -25,6 +29,12 @@ __all__ = [
     "RegNetParams",
     "ResNet",
     "ResNetParams",
+    "RevNet",
+    "RevNetParams",
+    "SKResNet",
+    "SKResNetParams",
+    "VGG",
+    "VGGParams",
     "build_backbone",
     "classifier_complexity",
     "count_flops",

@@ -168,8 +168,15 @@ class Backbone(nn.Module):
 
     # -- shared behaviour ------------------------------------------------------------------
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        """Checkpoint each stage (torch.utils.checkpoint, use_reentrant=False): less memory."""
+        """Checkpoint each stage but the last (torch.utils.checkpoint, use_reentrant=False).
+
+        The last stage is recomputed first thing in backward, so checkpointing it would cost its
+        forward again without lowering the peak (its activations are alive then either way).
+        """
         self.grad_checkpointing = enabled
+
+    def _checkpointed(self, index: int, num_stages: int) -> bool:
+        return self.grad_checkpointing and index < num_stages - 1
 
     def forward_maps(self, x: Tensor) -> list[Tensor]:
         """Feature maps after each stage, [B, C_i, H_i, W_i]; the last includes `post_forward`."""
@@ -177,7 +184,7 @@ class Backbone(nn.Module):
         stages = self.stage_modules()
         maps = []
         for i, stage in enumerate(stages):
-            x = run_stage(stage, x, self.grad_checkpointing)
+            x = run_stage(stage, x, self._checkpointed(i, len(stages)))
             if i == len(stages) - 1:
                 x = self.post_forward(x)
             maps.append(x)
@@ -190,7 +197,8 @@ class Backbone(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Pre-logits: [B, 3, H, W] float -> [B, feature_dim]."""
         x = self.stem_forward(x)
-        for stage in self.stage_modules():
-            x = run_stage(stage, x, self.grad_checkpointing)
+        stages = self.stage_modules()
+        for i, stage in enumerate(stages):
+            x = run_stage(stage, x, self._checkpointed(i, len(stages)))
         x = self.post_forward(x)  # [B, D, h, w]
         return x.mean(dim=(2, 3))  # [B, D]

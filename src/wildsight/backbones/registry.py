@@ -1,9 +1,10 @@
 """Every named backbone in one dict, a strict parser for custom ones, and a description table.
 
-Names: the RegNet presets (regnet.PRESETS) and the ResNet presets (resnet.PRESETS). Custom
-RegNets and ResNets are spelled as their parameters:
+Names: the presets of regnet.py, resnet.py, revnet.py, vgg.py and sk_resnet.py. Custom models
+are spelled as their parameters:
     "regnet:depth=27,w0=640,wa=230.83,wm=2.53,group_width=373,bottleneck=1.0,se=0.25"
     "resnet:depth=50,k=8,version=2,final_relu=false"
+    "revnet:depth=50,k=16"   "vgg:depth=19,k=8"   "sk_resnet:depth=152,width=3,sk_ratio=0.0625"
 Unknown names and keys fail in one line naming the closest valid spelling.
 """
 
@@ -23,6 +24,12 @@ from wildsight.backbones.regnet import PRESETS as REGNET_PRESETS
 from wildsight.backbones.regnet import RegNet, RegNetParams
 from wildsight.backbones.resnet import PRESETS as RESNET_PRESETS
 from wildsight.backbones.resnet import ResNet, ResNetParams
+from wildsight.backbones.revnet import PRESETS as REVNET_PRESETS
+from wildsight.backbones.revnet import RevNet, RevNetParams
+from wildsight.backbones.sk_resnet import PRESETS as SK_RESNET_PRESETS
+from wildsight.backbones.sk_resnet import SKResNet, SKResNetParams
+from wildsight.backbones.vgg import PRESETS as VGG_PRESETS
+from wildsight.backbones.vgg import VGG, VGGParams
 
 
 def regnet(params: RegNetParams, *, small_input: bool = False) -> RegNet:
@@ -35,9 +42,27 @@ def resnet(params: ResNetParams, *, small_input: bool = False) -> ResNet:
     return ResNet(params, stem="small" if small_input else "imagenet")
 
 
+def revnet(params: RevNetParams, *, small_input: bool = False) -> RevNet:
+    """Reversible RevNet; stems as ResNet's (7x7/2 + max-pool, or 3x3/1 for 28-64 px)."""
+    return RevNet(params, stem="small" if small_input else "imagenet")
+
+
+def vgg(params: VGGParams, *, small_input: bool = False) -> VGG:
+    """VGG-BN up to fc7; small_input drops two max-pools and feeds fc6 a global average."""
+    return VGG(params, small_input=small_input)
+
+
+def sk_resnet(params: SKResNetParams, *, small_input: bool = False) -> SKResNet:
+    """SimCLR v2 SK-ResNet with its ResNet-C stem, or its 3x3/1 cifar stem for 28-64 px."""
+    return SKResNet(params, stem="small" if small_input else "imagenet")
+
+
 BACKBONES: dict[str, Callable[..., Backbone]] = {
     **{name: functools.partial(regnet, params) for name, params in REGNET_PRESETS.items()},
     **{name: functools.partial(resnet, params) for name, params in RESNET_PRESETS.items()},
+    **{name: functools.partial(revnet, params) for name, params in REVNET_PRESETS.items()},
+    **{name: functools.partial(vgg, params) for name, params in VGG_PRESETS.items()},
+    **{name: functools.partial(sk_resnet, params) for name, params in SK_RESNET_PRESETS.items()},
 }
 
 # "family:key=value,..." specs: family -> (params dataclass, builder, spec key -> dataclass field)
@@ -59,6 +84,13 @@ _SPECS: dict[str, tuple[type[Any], Callable[..., Backbone], dict[str, str]]] = {
         ResNetParams,
         resnet,
         {"depth": "depth", "k": "k", "version": "version", "final_relu": "final_relu"},
+    ),
+    "revnet": (RevNetParams, revnet, {"depth": "depth", "k": "k", "final_relu": "final_relu"}),
+    "vgg": (VGGParams, vgg, {"depth": "depth", "k": "k"}),
+    "sk_resnet": (
+        SKResNetParams,
+        sk_resnet,
+        {"depth": "depth", "width": "width", "sk_ratio": "sk_ratio"},
     ),
 }
 
@@ -130,7 +162,7 @@ def build_backbone(name: str, *, small_input: bool = False) -> Backbone:
         raise ValueError(
             f"unknown backbone {name!r}; did you mean {_closest(name, names)!r}? choose from "
             f"{names}, or 'regnet:depth=..,w0=..,wa=..,wm=..,group_width=..[,bottleneck=..,se=..]' "
-            f"or 'resnet:depth=..[,k=..,version=..,final_relu=..]'"
+            f"or 'resnet:depth=..[,k=..,version=..,final_relu=..]' (also revnet:, vgg:, sk_resnet:)"
         )
     return BACKBONES[name](small_input=small_input)
 

@@ -12,11 +12,16 @@ datasets are decoded in torch DataLoader workers: the Loader precomputes this
 rank's batches of indices and the DataLoader hands whole batches to workers in
 turn (worker w gets batches w, w + W, ...), so workers are disjoint as well.
 Undecodable images are dropped from their batch and named once in the SkipLog.
+
+Tar shards (a `ShardDataset`) have no random access: the Loader hands them to a `ShardStream`
+(data/stream.py), which splits shards over ranks and workers, shuffles in blocks and keeps a
+per-slot position; the Loader's interface, skip accounting and Batch are the same.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +33,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wildsight.data.decode import Skip
+from wildsight.data.shards import ShardDataset
 from wildsight.data.sources import DataError, ImageDataset
+from wildsight.data.stream import DEFAULT_BLOCK_SIZE, ShardStream
 
 MIN_ATTEMPTS_BEFORE_FAILING = 64
 
@@ -127,6 +134,13 @@ class _Tasks(Dataset[_Decoded]):
         return _Decoded(images, picked, skips, len(indices), end_position)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT/SIGTERM (Ctrl-C reaches the whole process group): the
+    main process decides when to stop, saves a checkpoint first, then shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _whole(item: _Decoded) -> _Decoded:
     """DataLoader collate for batch_size=None: the worker already built the batch."""
     return item
@@ -137,7 +151,7 @@ class Loader:
 
     def __init__(
         self,
-        dataset: ImageDataset,
+        dataset: ImageDataset | ShardDataset,
         *,
         batch_size: int,
         seed: int,
@@ -149,19 +163,28 @@ class Loader:
         endless: bool = False,
         max_skip_fraction: float = 0.5,
         skip_log: SkipLog | None = None,
+        shuffle_block_size: int = DEFAULT_BLOCK_SIZE,
     ):
+        """`shuffle_block_size`: shard streams only, samples per shuffle block per worker."""
         if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
             raise DataError(
                 f"need batch_size >= 1, num_workers >= 0 and 0 <= rank < world_size, got "
                 f"batch_size={batch_size}, num_workers={num_workers}, rank={rank}, "
                 f"world_size={world_size}"
             )
-        if drop_last and len(dataset) < batch_size * world_size:
+        self._stream: ShardStream | None = None
+        if isinstance(dataset, ShardDataset):
+            self._stream = ShardStream(
+                dataset, batch_size=batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
+                num_workers=num_workers, rank=rank, world_size=world_size, endless=endless,
+                block_size=shuffle_block_size, worker_init_fn=ignore_stop_signals,
+            )  # fmt: skip
+        elif drop_last and len(dataset) < batch_size * world_size:
             raise DataError(
                 f"{dataset.name} has {len(dataset)} images, fewer than one global batch "
                 f"({batch_size} x {world_size} ranks); lower batch_size or set drop_last=False"
             )
-        if endless and len(dataset) < batch_size * world_size and len(dataset) <= rank:
+        elif endless and len(dataset) < batch_size * world_size and len(dataset) <= rank:
             raise DataError(f"{dataset.name} has {len(dataset)} images: rank {rank} gets none")
         self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
         self.drop_last, self.num_workers, self.endless = drop_last, num_workers, endless
@@ -171,7 +194,8 @@ class Loader:
         self.epoch, self.position = 0, 0
         self.attempted, self.skipped = 0, 0  # cumulative, for the max_skip_fraction check
         self._first_skip: Skip | None = None
-        self._labels = dataset.labels()  # int64 [N]
+        if self._stream is None:
+            self._labels = dataset.labels()  # int64 [N]
 
     @property
     def _global_batch(self) -> int:
@@ -185,10 +209,15 @@ class Loader:
 
     def __len__(self) -> int:
         """Batches per epoch for this rank (an all-skipped batch still counts here)."""
+        if self._stream is not None:
+            return self._stream.batches_per_epoch()
         full, tail = divmod(len(self.dataset), self._global_batch)
         return full + int(not self.drop_last and tail > self.rank)
 
     def state_dict(self) -> dict[str, Any]:
+        if self._stream is not None:
+            counts = {"attempted": self.attempted, "skipped": self.skipped}
+            return self._stream.state_dict() | counts
         return {
             "epoch": self.epoch,
             "position": self.position,
@@ -203,6 +232,14 @@ class Loader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where `state` was taken; batch_size and world_size may differ from then."""
+        if self._stream is not None:
+            self._stream.load_state_dict(state)
+            self.epoch = self._stream.epoch
+            self.attempted = int(state.get("attempted", 0))
+            self.skipped = int(state.get("skipped", 0))
+            return
+        if state.get("kind") == "shards":
+            raise DataError("loader state is from a shard stream; resume with the same --data")
         missing = {"epoch", "position"} - set(state)
         if missing:
             raise DataError(f"loader state lacks {sorted(missing)}; pass Loader.state_dict()")
@@ -231,6 +268,9 @@ class Loader:
         return tasks
 
     def __iter__(self) -> Iterator[Batch]:
+        if self._stream is not None:
+            yield from self._iter_stream(self._stream)
+            return
         while True:
             if self.position >= self._epoch_end:  # resumed exactly at the end of an epoch
                 self.epoch, self.position = self.epoch + 1, 0
@@ -247,6 +287,14 @@ class Loader:
             if not self.endless:
                 return
 
+    def _iter_stream(self, stream: ShardStream) -> Iterator[Batch]:
+        """Not endless: one epoch of every slot of this rank (per slot, from where it stands)."""
+        for item in stream:
+            self.epoch = stream.epoch
+            self._account(item.attempted, item.skips)
+            if len(item.indices):
+                yield Batch(item.images, item.indices, item.labels)
+
     def _run_epoch(self) -> Iterator[Batch]:
         tasks = self._tasks()
         if self.dataset.in_memory:  # fast path: one indexing op per batch, no workers
@@ -257,7 +305,7 @@ class Loader:
             return
         for decoded in self._decode(tasks):
             self.position = decoded.end_position
-            self._account(decoded)
+            self._account(decoded.attempted, decoded.skips)
             if len(decoded.indices):
                 labels = self._labels[decoded.indices]
                 yield Batch(decoded.images, decoded.indices, labels)
@@ -268,14 +316,15 @@ class Loader:
             yield from (work[k] for k in range(len(work)))
             return
         yield from DataLoader(
-            work, batch_size=None, shuffle=False, num_workers=self.num_workers, collate_fn=_whole
-        )
+            work, batch_size=None, shuffle=False, num_workers=self.num_workers, collate_fn=_whole,
+            worker_init_fn=ignore_stop_signals,
+        )  # fmt: skip
 
-    def _account(self, decoded: _Decoded) -> None:
+    def _account(self, attempted: int, skips: list[Skip]) -> None:
         """Log skips; fail once the skipped fraction is clearly too high to be noise."""
-        self.attempted += decoded.attempted
-        self.skipped += len(decoded.skips)
-        for skip in decoded.skips:
+        self.attempted += attempted
+        self.skipped += len(skips)
+        for skip in skips:
             self.skip_log.add(skip.key, skip.reason)
             if self._first_skip is None:
                 self._first_skip = skip

@@ -10,6 +10,7 @@
     /a/folder                           a tree of images; class = first-level sub-folder
     /a/list.txt                         one path per line (relative to the list's folder),
                                         optionally "<path>\t<label>"
+    /a/shards | 'a/s-{000..009}.tar'    WebDataset tar shards, streamed (data/shards.py)
 
 IDX sources are kept whole in memory (uint8 [N, 1, H, W]) and batched by indexing;
 file sources hold only their paths, packed in one byte buffer so that forked loader
@@ -24,6 +25,7 @@ import os
 import re
 import struct
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +38,9 @@ from wildsight.data.decode import (
     read_file,
     resize_center_crop,
 )
+
+if TYPE_CHECKING:
+    from wildsight.data.shards import ShardDataset
 
 FMNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_CLASSES = [
@@ -277,7 +282,7 @@ def open_source(spec: str) -> Source:
     if os.path.isfile(path) and path.lower().endswith(".txt"):
         return list_source(spec, path)
     if os.path.isfile(path) and ".tar" in path.lower():
-        raise DataError(f"{spec!r}: tar shards are not supported yet; unpack them into a folder")
+        raise DataError(f"{spec!r} is a tar shard: open it with open_dataset, which streams shards")
     if os.path.isfile(path):
         raise DataError(f"no images found in {spec!r}: a single file is not a source; {_HOW}")
     raise DataError(f"no images found in {spec!r}: no such file or folder; {_HOW}")
@@ -365,11 +370,19 @@ class ImageDataset:
 
 def open_dataset(
     specs: Sequence[str] | str, image_size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> ImageDataset:
-    """Specs (see module docstring) -> one dataset of uint8 [3, image_size, image_size] images."""
+) -> ImageDataset | ShardDataset:
+    """Specs (see module docstring) -> one dataset of uint8 [3, image_size, image_size] images.
+
+    WebDataset tar shards ('dir/shard-{000000..000099}.tar', a shard file or a folder of them)
+    give a streaming `ShardDataset` instead (data/shards.py); `Loader` takes either.
+    """
     specs = [specs] if isinstance(specs, str) else list(specs)
     if not specs:
         raise DataError("no images found in '': give at least one data spec; " + _HOW)
+    from wildsight.data import shards  # shards.py imports this module
+
+    if any(shards.is_shard_spec(str(spec)) for spec in specs):
+        return shards.open_shards([str(s) for s in specs], image_size, max_pixels=max_pixels)
     sources = [open_source(str(spec)) for spec in specs]
     return ImageDataset(
         sources, image_size, name=", ".join(map(repr, specs)), max_pixels=max_pixels

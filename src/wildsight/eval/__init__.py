@@ -1,7 +1,8 @@
-"""How good frozen features are: feature extraction, linear (L-BFGS) and k-NN probes, tables."""
+"""How good frozen features are: feature extraction (per layer), linear (L-BFGS or SGD), MLP and
+k-NN probes, tables, and the self-contained HTML report."""
 
-from wildsight.eval.features import extract_features
-from wildsight.eval.knn import knn_predict, knn_probe
+from wildsight.eval.features import extract_features, extract_layers, layer_names
+from wildsight.eval.knn import knn_predict, knn_probe, knn_probes, nearest_neighbours
 from wildsight.eval.linear import (
     L2_GRID,
     LogisticFit,
@@ -11,19 +12,33 @@ from wildsight.eval.linear import (
     standardize,
     stratified_split,
 )
-from wildsight.eval.report import ProbeResult, format_table
+from wildsight.eval.mlp import MLPProbe, fit_mlp, mlp_probe
+from wildsight.eval.report import ProbeResult, confusion_matrix, format_table
+from wildsight.eval.sgd import fit_logistic_sgd, linear_probe_sgd
+from wildsight.eval.svg import plot_label_fraction
 
 __all__ = [
     "L2_GRID",
     "LogisticFit",
+    "MLPProbe",
     "ProbeResult",
+    "confusion_matrix",
     "extract_features",
+    "extract_layers",
     "fit_logistic",
+    "fit_logistic_sgd",
+    "fit_mlp",
     "format_table",
     "knn_predict",
     "knn_probe",
+    "knn_probes",
+    "layer_names",
     "linear_probe",
+    "linear_probe_sgd",
     "logistic_objective",
+    "mlp_probe",
+    "nearest_neighbours",
+    "plot_label_fraction",
     "standardize",
     "stratified_split",
 ]

@@ -1,12 +1,14 @@
-"""Frozen features: run an encoder once over a uint8 image tensor and keep [N, D] on the CPU."""
+"""Frozen features: run an encoder once over a uint8 image tensor and keep [N, D] on the CPU;
+the same for several probe taps of a backbone at once (``extract_layers``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from wildsight.backbones import Backbone
 from wildsight.train.precision import PRECISIONS
 from wildsight.train.precision import autocast as precision_autocast
 
@@ -61,3 +63,69 @@ def extract_features(
         if isinstance(model, nn.Module) and was_training is not None:
             model.train(was_training)
     return torch.cat(chunks).clone()  # [N, D], outside inference mode -> a normal tensor
+
+
+PRE_LOGITS = "pre_logits"
+
+
+def layer_names(backbone: Backbone) -> list[str]:
+    """Probe taps of a backbone: "stage1" ... "stage{S-1}" (pooled output of each stage) and
+    "pre_logits" (the pooled output of the last stage, what ``backbone(x)`` returns)."""
+    num_stages = len(backbone.stage_dims)
+    return [f"stage{i + 1}" for i in range(num_stages - 1)] + [PRE_LOGITS]
+
+
+def resolve_layers(backbone: Backbone, requested: Sequence[str]) -> list[str]:
+    """``["all"]`` -> every tap; otherwise the requested names, checked, in network order."""
+    names = layer_names(backbone)
+    if list(requested) == ["all"]:
+        return names
+    unknown = [r for r in requested if r not in names]
+    if unknown or not requested:
+        raise ValueError(
+            f"unknown layer {unknown[0] if unknown else ''!r}; choose from {names} or 'all'"
+        )
+    return [n for n in names if n in requested]
+
+
+class StageTaps(nn.Module):
+    """Backbone -> pooled taps concatenated: images [B, 3, H, W] -> [B, sum_i C_i] for the chosen
+    taps, in network order (split back with ``dims``)."""
+
+    def __init__(self, backbone: Backbone, layers: Sequence[str]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        names = layer_names(backbone)
+        self.keep = [names.index(name) for name in layers]  # stage indices, network order
+        self.dims = [backbone.stage_dims[i] for i in self.keep]
+
+    def forward(self, x: Tensor) -> Tensor:
+        taps = self.backbone.forward_stages(x)  # S tensors [B, C_i]
+        return torch.cat([taps[i] for i in self.keep], dim=1)
+
+
+def extract_layers(
+    backbone: Backbone,
+    images: Tensor,
+    layers: Sequence[str],
+    *,
+    transform: Callable[[Tensor], Tensor],
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+) -> dict[str, Tensor]:
+    """{layer: float32 [N, C_layer]} for images uint8 [N, C, H, W], from ONE forward per batch.
+
+    "pre_logits" equals ``extract_features(backbone, ...)``; "stage{i}" is the global average
+    of stage i's output (Kolesnikov et al., 2019 probe "after each block").
+    """
+    taps = StageTaps(backbone, resolve_layers(backbone, layers))
+    taps.train(backbone.training)  # extract_features gives the backbone back in this mode
+    names = [layer_names(backbone)[i] for i in taps.keep]
+    joined = extract_features(
+        taps, images, transform=transform, batch_size=batch_size, device=device, precision=precision
+    )  # [N, sum C_i]
+    return {
+        name: part.contiguous()
+        for name, part in zip(names, joined.split(taps.dims, dim=1), strict=True)
+    }

@@ -16,8 +16,9 @@ and ``J = l2 * J_sklearn`` at any (W, b).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -254,11 +255,65 @@ def linear_probe(
         max_iter=max_iter,
         init=(best_fit.weight, best_fit.bias),
     )
+    predictions = classes[final.predict(test_x)].cpu()  # [M], label values
     return ProbeResult(
-        top1=_top1(final, test_x, test_y.to(device), classes),
+        top1=float((predictions == test_y.cpu()).double().mean()),
         val_top1=best_val,
         params={"l2": best_l2},
+        predictions=predictions,
         num_train=int(train_x.shape[0]),
         num_test=int(test_x.shape[0]),
         feature_dim=int(train_x.shape[1]),
+    )
+
+
+def select_on_train_split(
+    name: str,
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    *,
+    candidates: Sequence[dict[str, Any]],
+    fit: Callable[[Tensor, Tensor, int, dict[str, Any]], Callable[[Tensor], Tensor]],
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> ProbeResult:
+    """The protocol of ``linear_probe`` for any trainable probe: pick the hyper-parameters on a
+    class-stratified split of TRAIN, refit on all of TRAIN, score TEST exactly once.
+
+    ``fit(x [n, D] standardised, t int64 [n] in [0, C), C, params) -> predict`` where
+    ``predict(x [m, D]) -> class index int64 [m] in [0, C)``. Candidates are tried in the given
+    order and a tie keeps the earlier one, so list the most regularised first.
+    """
+    train_x, train_y, test_x, test_y = check_probe_inputs(name, train_x, train_y, test_x, test_y)
+    if not candidates:
+        raise ValueError(f"{name} needs at least one hyper-parameter candidate")
+    device = torch.device(device)
+    train_x = train_x.to(device=device, dtype=dtype)  # [N, D]
+    classes, train_t = torch.unique(train_y.to(device), return_inverse=True)  # [C], [N]
+    num_classes = int(classes.numel())
+    fit_idx, val_idx = stratified_split(train_t, val_fraction, seed=seed)
+    fit_idx, val_idx = fit_idx.to(device), val_idx.to(device)
+    fit_x, val_x = standardize(train_x[fit_idx], train_x[val_idx])  # [N_fit, D], [N_val, D]
+    best_params, best_val = dict(candidates[0]), -1.0
+    for params in candidates:
+        predict = fit(fit_x, train_t[fit_idx], num_classes, dict(params))
+        val_top1 = float((predict(val_x) == train_t[val_idx]).double().mean())
+        if val_top1 > best_val:
+            best_params, best_val = dict(params), val_top1
+    del fit_x, val_x
+    full_x, test_x = standardize(train_x, test_x.to(device=device, dtype=dtype))
+    predict = fit(full_x, train_t, num_classes, best_params)
+    predictions = classes[predict(test_x)].cpu()  # [M], label values
+    return ProbeResult(
+        top1=float((predictions == test_y.cpu()).double().mean()),
+        val_top1=best_val,
+        params=best_params,
+        num_train=int(train_x.shape[0]),
+        num_test=int(test_x.shape[0]),
+        feature_dim=int(train_x.shape[1]),
+        predictions=predictions,
     )

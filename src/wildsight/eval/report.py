@@ -1,10 +1,15 @@
-"""Probe results and how they are shown: a frozen record, a JSON-ready dict, a plain table."""
+"""Probe results and how they are shown: a frozen record, a JSON-ready dict, a plain table,
+a confusion matrix. The HTML page is built in ``eval/html.py`` from the JSON files."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -17,6 +22,8 @@ class ProbeResult:
     num_train: int = 0
     num_test: int = 0
     feature_dim: int = 0
+    # test-set predictions int64 [M] in label space (not serialised; feeds the confusion matrix)
+    predictions: Tensor | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict (params copied; NaN, e.g. k-NN's val_top1, becomes None)."""
@@ -28,6 +35,27 @@ class ProbeResult:
             "num_test": int(self.num_test),
             "feature_dim": int(self.feature_dim),
         }
+
+
+def confusion_matrix(true: Tensor, predicted: Tensor, labels: Sequence[int]) -> list[list[int]]:
+    """counts[i][j] = #{n : true[n] == labels[i] and predicted[n] == labels[j]}.
+
+    true and predicted int [M] hold label values; a value outside ``labels`` is not counted.
+    Rows are true classes, columns predicted ones (scikit-learn's convention).
+    """
+    labels_t = torch.as_tensor(list(labels), dtype=torch.long)  # [C]
+    true, predicted = true.long().cpu().flatten(), predicted.long().cpu().flatten()
+    if true.shape != predicted.shape:
+        raise ValueError(
+            f"confusion matrix got {true.numel()} labels but {predicted.numel()} predictions"
+        )
+    c = labels_t.numel()
+    lookup = {int(v): i for i, v in enumerate(labels_t.tolist())}
+    row = torch.tensor([lookup.get(int(v), -1) for v in true.tolist()], dtype=torch.long)
+    col = torch.tensor([lookup.get(int(v), -1) for v in predicted.tolist()], dtype=torch.long)
+    keep = (row >= 0) & (col >= 0)
+    counts = torch.bincount(row[keep] * c + col[keep], minlength=c * c).reshape(c, c)
+    return counts.tolist()
 
 
 def _json_float(value: float) -> float | None:

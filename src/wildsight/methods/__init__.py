@@ -6,11 +6,23 @@ import difflib
 
 from wildsight.backbones import Backbone
 from wildsight.methods.base import Method, StepOutput, multicrop_features
+from wildsight.methods.byol import BYOL, BYOLConfig
+from wildsight.methods.exemplar import Exemplar, ExemplarConfig
+from wildsight.methods.jigsaw import Jigsaw, JigsawConfig
+from wildsight.methods.rotation import Rotation, RotationConfig
+from wildsight.methods.rpl import RelativePatchLocation, RPLConfig
+from wildsight.methods.simclr import SimCLR, SimCLRConfig
 from wildsight.methods.swav import SwAV, SwAVConfig
 from wildsight.views import ViewSpec
 
 METHODS: dict[str, tuple[type[Method], type]] = {
     "swav": (SwAV, SwAVConfig),
+    "simclr": (SimCLR, SimCLRConfig),
+    "byol": (BYOL, BYOLConfig),
+    "rotation": (Rotation, RotationConfig),
+    "jigsaw": (Jigsaw, JigsawConfig),
+    "rpl": (RelativePatchLocation, RPLConfig),
+    "exemplar": (Exemplar, ExemplarConfig),
 }
 
 MethodConfig = SwAVConfig

@@ -25,8 +25,9 @@ class StepOutput:
 class Method(nn.Module):
     """A self-supervised objective around a backbone. The trainer calls, per step, in order:
 
-    `before_step(step)`; `out = self(views, step)` under autocast; backward; grads of
-    `frozen_parameters(step)` set to None; optimizer step; `after_step(step, out)`.
+    `set_total_steps(total)`; `before_step(step)`; `out = self(views, step)` under autocast;
+    backward; grads of `frozen_parameters(step)` set to None; optimizer step;
+    `after_step(step, out)`.
 
     Invariant: everything that affects the next step (queues, EMA targets, counters) is a
     parameter, a persistent buffer or a submodule registered in `__init__`, so it is in
@@ -39,6 +40,13 @@ class Method(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.views = views
+        self.total_steps: int | None = None  # the run's length, from `set_total_steps`
+
+    def set_total_steps(self, total_steps: int | None) -> None:
+        """The trainer tells the run's length before every step (None while a time budget is
+        still being calibrated). Not state: the trainer re-derives it on resume. BYOL's tau
+        schedule reads it."""
+        self.total_steps = total_steps
 
     def before_step(self, step: int) -> None:
         """Called before the forward pass (e.g. SwAV normalises its prototypes)."""

@@ -6,6 +6,7 @@ Codes come from Sinkhorn over the global batch (plus an optional queue of past f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -100,9 +101,21 @@ class SwAV(Method):
             assign = F.softmax(scores[0].float() / self.cfg.temperature, dim=1).mean(0)  # [K]
             entropy = -(assign * assign.clamp_min(1e-12).log()).sum()
             feature_std = z[:batch].float().std(dim=0).mean()
+            # entropy of the hard assignments / ln min(B, K): 0 when every image picks the same
+            # prototype, even if the soft codes are uniform (loss stuck at ln K); read by the
+            # trainer's collapse warning (train/guards.py)
+            k = self.cfg.num_prototypes
+            used = torch.bincount(scores[0].argmax(dim=1), minlength=k).float() / batch  # [K]
+            code_entropy_norm = -(used * used.clamp_min(1e-12).log()).sum() / math.log(
+                max(2, min(batch, k))
+            )
         return StepOutput(
             loss=loss,
-            metrics={"code_entropy": entropy, "feature_std": feature_std},
+            metrics={
+                "code_entropy": entropy,
+                "code_entropy_norm": code_entropy_norm,
+                "feature_std": feature_std,
+            },
             aux={"global_z": z[: self.num_global * batch].detach()},
         )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["HalveOnPlateau", "cosine_ramp", "warmup_cosine"]
+__all__ = ["HalveOnPlateau", "cosine_ramp", "step_decay", "warmup_cosine"]
 
 
 def warmup_cosine(
@@ -58,6 +58,23 @@ def cosine_ramp(step: int, *, total_steps: int, start: float, end: float) -> flo
     if step >= total_steps:
         return end
     return end - (end - start) * (math.cos(math.pi * step / total_steps) + 1.0) / 2.0
+
+
+def step_decay(
+    step: int, *, base: float, total_steps: int, milestones: tuple[float, ...], factor: float
+) -> float:
+    """``base * factor ** (number of milestones passed)``; milestones are fractions of total_steps.
+
+    SEER fine-tuning (LR / 10 after 30 of 35 epochs): ``step_decay(step, base=0.0125,
+    total_steps=T, milestones=(30 / 35,), factor=0.1)``. A milestone m is passed from step
+    ``ceil(m * total_steps)`` on.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    passed = sum(step >= math.ceil(m * total_steps - 1e-9) for m in milestones)  # 30/35*35
+    return base * factor**passed
 
 
 class HalveOnPlateau:

@@ -1,11 +1,16 @@
 """THE training loop. It knows no method: it calls `before_step`, `forward`, `frozen_parameters`
 and `after_step` of a `Method`, in that order, and owns data, devices, precision, optimiser,
 schedule, logging and checkpoints. Read it top to bottom.
+
+Faults it survives (README "Reliability"): SIGTERM/SIGINT finish the step, save and return
+(`stopped_by` names the signal); a non-finite loss or gradient skips the step, and
+`train.max_nonfinite_steps_in_a_row` of them stop the run with a debug dump
+(`train/guards.py`); collapse signals warn once; checkpoints are atomic, so a kill at any
+moment resumes bit-identically from the last one (`train/checkpoint.py`, `train/restore.py`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import resource
 import time
@@ -20,17 +25,14 @@ from wildsight.config import Config
 from wildsight.data import Loader, SkipLog, open_dataset
 from wildsight.log import RunLog
 from wildsight.methods import Method, build_method
-from wildsight.train import checkpoint, distributed, schedules
+from wildsight.train import checkpoint, distributed, guards, parallel, restore, schedules
+from wildsight.train.guards import TrainingError
 from wildsight.train.optim import build_optimizer, param_groups
 from wildsight.train.precision import autocast
-from wildsight.views import default_views, make_views
+from wildsight.train.resolve import pick_device, resolve_config, view_generator
+from wildsight.views import make_views
 
 CALIBRATION_STEPS = 10  # with a time budget, the step count is estimated from this step on
-MAX_BAD_STEPS_IN_A_ROW = 20
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. the loss stayed non-finite); the last good checkpoint is intact."""
 
 
 @dataclass
@@ -41,56 +43,28 @@ class TrainResult:
     images_per_s: float
     last_loss: float
     peak_memory_mb: float
-    stopped_by: str
-
-
-def resolve_config(cfg: Config) -> Config:
-    """Fills the automatic choices (image size, small stem, views) so config.yaml states them all."""
-    data = cfg.data
-    if data.image_size == 0:
-        fmnist = all(s.startswith("fmnist") or "fashion" in s for s in data.sources)
-        data = dataclasses.replace(data, image_size=28 if fmnist else 256)
-    backbone = cfg.backbone
-    if backbone.small_input is None:
-        backbone = dataclasses.replace(backbone, small_input=data.image_size <= 64)
-    views = cfg.views or default_views(data.image_size, cfg.method.name)
-    t = cfg.train
-    if t.steps is None and t.epochs is None and t.time_budget_s is None:
-        raise config_lib.ConfigError("no training budget: give --steps, --epochs or --time-budget")
-    return dataclasses.replace(cfg, data=data, backbone=backbone, views=views)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise config_lib.ConfigError(
-            "train.device is 'cuda' but no CUDA device is available; use 'cpu' or 'auto'"
-        )
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def view_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """The crops of a step depend only on (seed, step, rank): a resumed run draws the same ones."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+    stopped_by: str  # "steps" | "time_budget" | "SIGTERM" | "SIGINT"
 
 
 def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
     cfg = resolve_config(cfg)
     t, o = cfg.train, cfg.optim
-    if distributed.world_size() > 1:
-        raise config_lib.ConfigError("multi-process training is not available yet; run one process")
     run_dir = Path(t.out)
     ckpt_dir = run_dir / "checkpoints"
     device = pick_device(t.device)
+    parallel.start(device)  # parallel: join torchrun's process group (no-op in one process)
+    parallel.check_config(cfg)
     torch.manual_seed(t.seed)
+    # --resume: read the checkpoint first; another backbone or method is refused right here
+    resumed = restore.read_for_resume(ckpt_dir, config_lib.to_dict(cfg)) if resume else None
 
     # ---- data, model, optimiser
     dataset = open_dataset(cfg.data.sources, cfg.data.image_size)
     skips = SkipLog()
     loader = Loader(
-        dataset, batch_size=t.batch_size, seed=t.seed, shuffle=True, drop_last=True,
-        num_workers=cfg.data.num_workers, endless=True,
+        dataset, batch_size=parallel.local_batch_size(t.batch_size, t.accumulate_steps),
+        rank=distributed.rank(), world_size=distributed.world_size(),  # parallel: this rank's share
+        seed=t.seed, shuffle=True, drop_last=True, num_workers=cfg.data.num_workers, endless=True,
         max_skip_fraction=cfg.data.max_skip_fraction, skip_log=skips,
     )  # fmt: skip
     backbone = build_backbone(cfg.backbone.name, small_input=bool(cfg.backbone.small_input))
@@ -99,6 +73,8 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
     method: Method = build_method(cfg.method, backbone, cfg.views).to(device)
     memory_format = torch.channels_last if cfg.backbone.channels_last else torch.contiguous_format
     method.to(memory_format=memory_format)
+    # parallel: SyncBN groups, then DDP or FSDP; `model` runs the forward, `method` is saved
+    model = parallel.wrap(method, t, device)
     scale = t.batch_size / o.lr_batch_reference  # linear LR scaling with the global batch
     groups = param_groups(method, o.weight_decay, exclude_bias_and_norm=o.exclude_bias_and_norm)
     for group in groups:
@@ -110,41 +86,63 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
         o.lr * scale, patience_steps=o.plateau_patience_steps, window_steps=o.plateau_window_steps,
         min_lr=o.final_lr * scale,
     )  # fmt: skip
+    nonfinite = guards.NonFiniteGuard(
+        t.max_nonfinite_steps_in_a_row, run_dir / parallel.rank_file("nonfinite.json")
+    )
+    collapse = guards.CollapseMonitor()
+    norm_buffers = guards.NormBuffers(method)  # restored when a step is skipped
 
-    # ---- fresh run or resume: every piece of state that affects the next step is restored
-    state = {"step": 0, "total_steps": None, "elapsed_s": 0.0, "images_seen": 0, "bad_steps": 0}
-    if resume and (ckpt_dir / "latest").exists():
-        tensors, saved = checkpoint.load_checkpoint(ckpt_dir)
+    # ---- fresh run, resume or init-from: every piece of state that affects the next step
+    state = {"step": 0, "total_steps": None, "elapsed_s": 0.0, "images_seen": 0}
+    notes = []
+    if resumed is not None:
+        tensors, saved = resumed
         parts = checkpoint.unflatten_state(tensors, saved["tensor_meta"])
-        method.load_state_dict(parts["model"], strict=True)
-        optimizer.load_state_dict(parts["optim"])
+        model_state = parallel.shard_state_like(method.state_dict(), parts["model"])  # FSDP: shard
+        restore.load_for_resume(method, model_state, saved["config"], config_lib.to_dict(cfg))
+        optimizer.load_state_dict(parallel.shard_optimizer_state(optimizer, parts["optim"]))
         loader.load_state_dict(saved["loader"])
         plateau.load_state_dict(saved["plateau"])
         checkpoint.set_rng_state(saved["rng"] | {"torch": parts["rng"]["torch"]})
         state.update(saved["train"])
-    elif resume:
-        print(f"wildsight: --resume given but {ckpt_dir} holds no checkpoint; starting a new run")
+        nonfinite.load_state_dict(saved.get("nonfinite", {}))
+        collapse.warned = bool(saved.get("collapse_warned", False))
+    else:
+        if resume:
+            notes.append(f"--resume given but {ckpt_dir} holds no checkpoint; new run")
+        if t.init_from:
+            notes.append(
+                "initialised " + restore.init_from(t.init_from, method, config_lib.to_dict(cfg))
+            )
     if t.epochs is not None or t.steps is not None:  # the config's budget rules, also on resume
         by_epochs = math.ceil(t.epochs * len(loader)) if t.epochs is not None else None
         state["total_steps"] = max(1, min(x for x in (t.steps, by_epochs) if x is not None))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_lib.dump(cfg))
+    parallel.on_rank0((run_dir / "config.yaml").write_text, config_lib.dump(cfg))
 
     def save() -> None:
         rng = checkpoint.rng_state()
         tensors, meta = checkpoint.flatten_state(
             {
-                "model": method.state_dict(),
-                "optim": optimizer.state_dict(),
+                "model": parallel.full_state(method.state_dict()),  # FSDP: gathered
+                "optim": parallel.full_state(optimizer.state_dict()),
                 "rng": {"torch": rng.pop("torch")},
             }
         )
-        checkpoint.save_checkpoint(
-            ckpt_dir, int(state["step"]), tensors=tensors, keep_last=t.keep_last,
-            state={"tensor_meta": meta, "train": state, "loader": loader.state_dict(),
-                   "plateau": plateau.state_dict(), "rng": rng, "config": config_lib.to_dict(cfg)},
-        )  # fmt: skip
-        skips.write(run_dir / "skipped.tsv")
+        try:
+            parallel.on_rank0(  # parallel: rank 0 writes; every rank waits and raises if it failed
+                checkpoint.save_checkpoint, ckpt_dir, int(state["step"]), tensors=tensors,
+                keep_last=t.keep_last,
+                state={"tensor_meta": meta, "train": state, "loader": parallel.loader_state(loader),
+                       "plateau": plateau.state_dict(), "rng": rng, "config": config_lib.to_dict(cfg),
+                       "nonfinite": nonfinite.state_dict(), "collapse_warned": collapse.warned},
+            )  # fmt: skip
+        except checkpoint.CheckpointError as err:  # e.g. disk full: stop, the old one is intact
+            raise TrainingError(
+                f"run stopped at step {state['step']}: {err}; fix that (e.g. free disk space), "
+                "then continue with --resume"
+            ) from err
+        parallel.on_rank0(parallel.gather_skips(skips).write, run_dir / "skipped.tsv")
 
     def learning_rate(step: int, last_loss: float) -> float:
         if o.schedule == "constant":
@@ -154,90 +152,126 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
         total = state["total_steps"]
         if total is None and step >= o.warmup_steps:  # time budget not calibrated yet
             return o.lr * scale
+        total = total or max(o.warmup_steps, 1)  # a run shorter than the warm-up warms up less
         return schedules.warmup_cosine(
             step, base=o.lr * scale, start=o.start_lr * scale, final=o.final_lr * scale,
-            warmup_steps=o.warmup_steps, total_steps=total or max(o.warmup_steps, 1),
+            warmup_steps=min(o.warmup_steps, total), total_steps=total,
         )  # fmt: skip
+
+    def stop_reason() -> str | None:
+        received = stop_sync.received(signals.received)  # parallel: the signal all ranks agreed on
+        if received:  # preemption / Ctrl-C: checkpoint, then return
+            return received
+        fixed_budget = t.steps is not None or t.epochs is not None
+        if fixed_budget and state["total_steps"] is not None:
+            if state["step"] >= state["total_steps"]:
+                return "steps"
+        if t.time_budget_s is not None and state["elapsed_s"] >= t.time_budget_s:
+            return "time_budget"
+        return None
 
     # ---- the loop
     log = RunLog(
         run_dir, total_steps=state["total_steps"], initial_step=state["step"], progress=t.progress
-    )
+    ) if distributed.rank() == 0 else parallel.NullLog()  # fmt: skip
+    stop_sync = parallel.StopSync()  # parallel: every rank stops at the same step
+    for note in notes:
+        log.message(f"wildsight: {note}")
     method.train()
     last_loss, window_loss, window_images, window_start = float("nan"), [], 0, time.perf_counter()
     tick = window_start
-    stopped_by = "steps"
+    batches = iter(loader)
     try:
-        for batch in loader:
-            step = int(state["step"])
-            if state["total_steps"] is not None and step >= state["total_steps"]:
-                if t.time_budget_s is None or t.steps is not None or t.epochs is not None:
-                    break
-                if state["elapsed_s"] >= t.time_budget_s:
-                    stopped_by = "time_budget"
-                    break
-            if t.time_budget_s is not None and state["elapsed_s"] >= t.time_budget_s:
-                stopped_by = "time_budget"
-                break
-            images = batch.images.to(device, non_blocking=True)  # uint8 [B, 3, S, S]
-            views = make_views(images, cfg.views, view_generator(t.seed, step, distributed.rank()))
-            views = [v.contiguous(memory_format=memory_format) for v in views]  # [B, 3, s, s] each
-            lr = learning_rate(step, last_loss)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        with guards.StopSignals() as signals:
+            stopped_by = stop_reason()
+            while stopped_by is None:
+                batch = parallel.trim_batch(next(batches))  # parallel: equal sizes on all ranks
+                step = int(state["step"])
+                images = batch.images.to(device, non_blocking=True)  # uint8 [B, 3, S, S]
+                # parallel: every rank draws the crops of the whole global batch from one generator
+                # and takes those of its own positions: views do not depend on the process count
+                gen = view_generator(t.seed, step, 0)
+                rows = parallel.global_rows(len(images))  # int64 [B], positions in the global batch
+                views = make_views(images, cfg.views, gen, rows=rows, num_rows=t.batch_size)
+                views = [v.contiguous(memory_format=memory_format) for v in views]
+                lr = learning_rate(step, last_loss)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
 
-            method.before_step(step)
-            with autocast(device, t.precision):
-                out = method(views, step)
-            optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(out.loss):
-                state["bad_steps"] += 1
-                log.message(f"step {step}: non-finite loss {out.loss.item()}; step skipped")
-                if state["bad_steps"] >= MAX_BAD_STEPS_IN_A_ROW:
-                    raise TrainingError(
-                        f"loss was non-finite for {state['bad_steps']} steps in a row at step {step}; "
-                        f"try --precision fp32 or a lower lr; last good checkpoint in {ckpt_dir}"
-                    )
+                method.set_total_steps(state["total_steps"])  # run length, for BYOL's tau schedule
+                method.before_step(step)
+                norm_buffers.save()
+                optimizer.zero_grad(set_to_none=True)
+                # parallel: forward + backward through DDP/FSDP in train.accumulate_steps
+                # micro-batches; `loss` is their mean over all ranks, and the backward ran only if
+                # it is finite (the same decision on every rank)
+                out, loss = parallel.forward_backward(
+                    model, views, step, accumulate_steps=t.accumulate_steps,
+                    autocast=lambda: autocast(device, t.precision),
+                )  # fmt: skip
+                bad_grads: list[str] = []
+                if math.isfinite(loss):
+                    for p in method.frozen_parameters(step):
+                        p.grad = None
+                    bad_grads = guards.nonfinite_gradients(method.named_parameters())
+                if math.isfinite(loss) and not bad_grads:
+                    if o.clip_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(method.parameters(), o.clip_grad_norm)
+                    optimizer.step()
+                    method.after_step(step, out)
+                    nonfinite.ok()
+                    last_loss = loss
+                    window_loss.append(loss)
+                else:  # skipped: no update, BatchNorm statistics restored; raises if too many
+                    norm_buffers.restore()
+                    keys = [dataset.key(i) for i in batch.indices.tolist()]
+                    log.message(nonfinite.skip(
+                        step, loss=loss, lr=lr, bad_params=bad_grads, batch_keys=keys,
+                        last_checkpoint=checkpoint.latest_checkpoint(ckpt_dir),
+                    ))  # fmt: skip
+
+                # ---- bookkeeping
                 state["step"] = step + 1
-                continue
-            out.loss.backward()
-            for p in method.frozen_parameters(step):
-                p.grad = None
-            if o.clip_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(method.parameters(), o.clip_grad_norm)
-            optimizer.step()
-            method.after_step(step, out)
-            state["bad_steps"] = 0
-
-            # ---- bookkeeping
-            last_loss = out.loss.item()
-            state["step"] = step + 1
-            state["images_seen"] += len(images)
-            tick, previous = time.perf_counter(), tick
-            state["elapsed_s"] += tick - previous  # wall time, data loading included
-            window_loss.append(last_loss)
-            window_images += len(images)
-            log.advance()
-            if t.time_budget_s is not None and t.steps is None and t.epochs is None:
-                # time budget: the step count is re-estimated from the measured pace every step,
-                # so the cosine schedule ends when the budget does, even on a noisy machine
-                if step + 1 >= CALIBRATION_STEPS:
-                    pace = (step + 1) / state["elapsed_s"]  # steps per second so far
-                    state["total_steps"] = max(step + 2, round(pace * t.time_budget_s))
-                    log.set_total(state["total_steps"])
-            if state["step"] % t.log_every_steps == 0 or state["step"] == state["total_steps"]:
-                now = time.perf_counter()
-                metrics = {
-                    "loss": sum(window_loss) / len(window_loss), "lr": lr, "epoch": loader.epoch,
-                    "images_per_s": window_images / max(now - window_start, 1e-9),
-                    "elapsed_s": state["elapsed_s"], "skipped_images": skips.count,
-                    **{k: float(v) for k, v in out.metrics.items()},
-                }  # fmt: skip
-                log.write(state["step"], metrics)
-                window_loss, window_images, window_start = [], 0, now
-            if state["step"] % t.checkpoint_every_steps == 0:
-                save()
-        save()
+                state["images_seen"] += len(images) * distributed.world_size()  # all ranks
+                tick, previous = time.perf_counter(), tick
+                state["elapsed_s"] += tick - previous  # wall time, data loading included
+                # parallel: all ranks agree on the elapsed time and on stop signals
+                state["elapsed_s"] = stop_sync.agree(signals.received, state["elapsed_s"])
+                window_images += len(images) * distributed.world_size()
+                log.advance()
+                if t.time_budget_s is not None and t.steps is None and t.epochs is None:
+                    # time budget: the step count is re-estimated from the measured pace every
+                    # step, so the cosine schedule ends when the budget does, even on a noisy machine
+                    if step + 1 >= CALIBRATION_STEPS:
+                        pace = (step + 1) / state["elapsed_s"]  # steps per second so far
+                        state["total_steps"] = max(step + 2, round(pace * t.time_budget_s))
+                        log.set_total(state["total_steps"])
+                if state["step"] % t.log_every_steps == 0 or state["step"] == state["total_steps"]:
+                    now = time.perf_counter()
+                    metrics = {
+                        "loss": sum(window_loss) / len(window_loss) if window_loss else math.nan,
+                        "lr": lr, "epoch": loader.epoch,
+                        "images_per_s": window_images / max(now - window_start, 1e-9),
+                        "elapsed_s": state["elapsed_s"], "skipped_images": skips.count,
+                        "skipped_steps": nonfinite.total,
+                        **{k: float(v) for k, v in out.metrics.items()},
+                    }  # fmt: skip
+                    log.write(state["step"], metrics)
+                    window_loss, window_images, window_start = [], 0, now
+                    frozen = next(iter(method.frozen_parameters(step)), None) is not None
+                    warmed_up = step >= o.warmup_steps and not frozen
+                    warning = collapse.check(step, metrics) if warmed_up else None
+                    if warning:
+                        log.message(warning)
+                stopped_by = stop_reason()
+                periodic = state["step"] % t.checkpoint_every_steps == 0 and not nonfinite.in_a_row
+                if stopped_by is not None or periodic:
+                    save()
+            if signals.received:
+                log.message(
+                    f"wildsight: {stopped_by} received: stopped at step {state['step']} with a "
+                    f"checkpoint in {ckpt_dir}; continue with --resume"
+                )
     finally:
         log.close()
     elapsed = max(state["elapsed_s"], 1e-9)

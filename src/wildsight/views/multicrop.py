@@ -12,7 +12,7 @@ torchvision pipelines. Parameters are drawn per image from the CPU generator pas
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -179,22 +179,40 @@ def apply_view(source: Tensor | ops.ImagePyramid, params: ViewParams, group: Cro
     return ops.normalize(x.contiguous(), aug.mean, aug.std)
 
 
-def make_views(images: Tensor, spec: ViewSpec, generator: torch.Generator) -> list[Tensor]:
+def make_views(
+    images: Tensor,
+    spec: ViewSpec,
+    generator: torch.Generator,
+    *,
+    rows: Tensor | None = None,
+    num_rows: int | None = None,
+) -> list[Tensor]:
     """uint8 [B, 3, H, W] (or [B, 1, H, W], repeated to RGB) on any device -> spec.num_views
     tensors float32 [B, 3, size, size] on that device, group by group, view by view.
 
     All parameters come from `generator` (a CPU torch.Generator), so a seed gives the same
     views on every device. Upsampling (crop size above the box) is allowed.
+
+    rows, num_rows: the images are rows `rows` (int64 [B]) of a batch of `num_rows`; the
+    parameters of all `num_rows` are drawn and image i gets those of row rows[i]. A process of
+    a distributed run thereby crops its share exactly as one process crops the whole global
+    batch (train/parallel.py). Default: rows 0..B-1 of a batch of B.
     """
     if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
         raise ValueError(f"make_views needs a CPU torch.Generator, got {generator!r}")
     x = _to_unit_float(_check_images(images, "make_views"))  # [B, 3, H, W] in [0, 1]
     n, _, height, width = x.shape
+    total = n if num_rows is None else num_rows
+    if rows is not None and (rows.shape != (n,) or int(rows.min()) < 0 or int(rows.max()) >= total):
+        raise ValueError(f"make_views rows must be {n} indices in [0, {total}), got {rows}")
     pyramid = ops.ImagePyramid(x)
     views = []
     for group in spec.groups:
         for _ in range(group.count):
-            params = sample_view_params(group, n, height, width, generator)
+            params = sample_view_params(group, total, height, width, generator)
+            if rows is not None or total != n:
+                picked = torch.arange(n) if rows is None else rows
+                params = ViewParams(*(getattr(params, f.name)[picked] for f in fields(params)))
             views.append(apply_view(pyramid, params, group))  # [B, 3, size, size]
     return views
 

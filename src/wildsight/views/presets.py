@@ -44,7 +44,42 @@ BYOL_VIEWS = ViewSpec(
     )
 )
 
-PRESETS = {"swav": SWAV_VIEWS, "seer": SEER_VIEWS, "simclr": SIMCLR_VIEWS, "byol": BYOL_VIEWS}
+# The pretext tasks of "Revisiting" (Kolesnikov et al., 2019), from its released configs
+# (github.com/google/revisiting-self-supervised, config/*/imagenet.sh and preprocess.py).
+# Rotation: Inception preprocessing at 224 px -- crop of area 0.05-1, ratio 3/4-4/3, flip,
+# "fast" colour distortion (brightness +-32/255, saturation 0.5-1.5; brightness is a factor
+# here, so 0.125 stands in for +-32/255), values in [-1, 1] (mean = std = 0.5).
+REVISITING_AUGMENT = AugmentSpec(
+    color_jitter_p=1.0, brightness=0.125, contrast=0.0, saturation=0.5, hue=0.0,
+    grayscale_p=0.0, blur_p=0.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+)  # fmt: skip
+ROTATION_VIEWS = ViewSpec(
+    (CropGroup(count=1, size=224, scale=(0.05, 1.0), augment=REVISITING_AUGMENT),)
+)
+# Exemplar: 8 such copies of each image, grayscale with p 0.66 (the copies' standardisation
+# is the method's `standardize`).
+EXEMPLAR_VIEWS = ViewSpec(
+    (
+        CropGroup(
+            count=8, size=224, scale=(0.05, 1.0),
+            augment=replace(REVISITING_AUGMENT, grayscale_p=0.66),
+        ),
+    )
+)  # fmt: skip
+# Jigsaw and relative patch location: resize to 292 px, a random 255 px square crop (area
+# (255 / 292)^2 = 0.763 of the image), grayscale p 0.66, no flip, no colour jitter. The method
+# cuts 3 x 3 tiles from the crop (85 px cells, 64 px tiles) and standardises each tile.
+PATCH_AUGMENT = AugmentSpec(flip_p=0.0, color_jitter_p=0.0, grayscale_p=0.66, blur_p=0.0)
+JIGSAW_VIEWS = ViewSpec(
+    (CropGroup(count=1, size=255, scale=(0.763, 0.763), ratio=(1.0, 1.0), augment=PATCH_AUGMENT),)
+)
+RPL_VIEWS = JIGSAW_VIEWS
+
+PRESETS = {
+    "swav": SWAV_VIEWS, "seer": SEER_VIEWS, "simclr": SIMCLR_VIEWS, "byol": BYOL_VIEWS,
+    "rotation": ROTATION_VIEWS, "jigsaw": JIGSAW_VIEWS, "rpl": RPL_VIEWS,
+    "exemplar": EXEMPLAR_VIEWS,
+}  # fmt: skip
 
 # Tiny images (side <= TINY_MAX_SIDE, e.g. Fashion-MNIST's 28 px): ours, not published, tunable.
 # Global crops are upsampled to 32 px and local ones are 16 px; the scales are wider than the
@@ -58,6 +93,47 @@ TINY_GLOBAL_SCALE = (0.25, 1.0)
 TINY_LOCAL_SCALE = (0.1, 0.4)
 TINY_LOCAL_COUNT = 4
 TINY_BLUR_P = 0.0
+
+
+# Pretext tasks on tiny images (ours, not published; measured on Fashion-MNIST, see the
+# fmnist_* recipes). Jigsaw and RPL upsample the image to a 48 px crop: 16 px cells, 12 px
+# tiles after a 4 px gap (0.25 of the cell), +-2 px jitter. Cut from a 32 px crop the tiles
+# would be 8 px, of which a small-stem RegNet keeps one pixel after its second stage; the
+# tiles are then as large in pixels as the whole 28 px item is in the exemplar and rotation
+# views, and the encoder is evaluated at 48 px, the scale it learnt on. Flip is on (the
+# puzzle does not change under it). Rotation and exemplar keep the tiny global crop.
+TINY_PATCH_SIZE = 48
+TINY_PATCH_VIEWS = ViewSpec(
+    (
+        CropGroup(
+            count=1, size=TINY_PATCH_SIZE, scale=(0.5, 1.0),
+            augment=replace(PATCH_AUGMENT, flip_p=0.5),
+        ),
+    )
+)  # fmt: skip
+TINY_PRESETS = {
+    "rotation": ViewSpec(
+        (
+            CropGroup(
+                count=1, size=TINY_GLOBAL_SIZE, scale=TINY_GLOBAL_SCALE,
+                augment=replace(REVISITING_AUGMENT, brightness=0.4, contrast=0.4),
+            ),
+        )
+    ),
+    "jigsaw": TINY_PATCH_VIEWS,
+    "rpl": TINY_PATCH_VIEWS,
+    "exemplar": ViewSpec(
+        (
+            CropGroup(
+                count=4, size=TINY_GLOBAL_SIZE, scale=(0.2, 1.0),
+                augment=AugmentSpec(
+                    brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, grayscale_p=0.66,
+                    blur_p=TINY_BLUR_P,
+                ),
+            ),
+        )
+    ),
+}  # fmt: skip
 
 
 def _tiny(spec: ViewSpec) -> ViewSpec:
@@ -79,10 +155,13 @@ def _tiny(spec: ViewSpec) -> ViewSpec:
 
 def default_views(image_size: int, method: str = "swav") -> ViewSpec:
     """The published views of `method` for images of side `image_size` (the loader's fixed
-    side); images of side <= 64 px get the tiny-image variant (swav: 2 x 32 + 4 x 16 px)."""
+    side); images of side <= 64 px get the tiny-image variant (swav: 2 x 32 + 4 x 16 px;
+    the pretext tasks: TINY_PRESETS)."""
     if method not in PRESETS:
         raise ValueError(f"unknown view preset {method!r}; choose from {sorted(PRESETS)}")
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1 pixel, got {image_size}")
     spec = PRESETS[method]
-    return _tiny(spec) if image_size <= TINY_MAX_SIDE else spec
+    if image_size <= TINY_MAX_SIDE:
+        return TINY_PRESETS[method] if method in TINY_PRESETS else _tiny(spec)
+    return spec

@@ -47,7 +47,7 @@ def test_describe_rows() -> None:
         assert row["params_with_classifier"] == row["params"] + row["feature_dim"] * 1000 + 1000
         assert row["gflops"] == row["flops"] / 1e9
         assert row["feature_dim"] == row["stage_dims"][-1]
-        assert row["family"] in ("regnet", "resnet")
+        assert row["family"] in ("regnet", "resnet", "revnet", "vgg", "sk_resnet")
     assert describe_backbones() == list(ROWS.values())  # cached, and returns fresh dicts
     assert describe_backbones()[0] is not describe_backbones()[0]
 

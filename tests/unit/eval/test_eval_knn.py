@@ -1,4 +1,5 @@
-"""Weighted k-NN probe against a brute-force double loop (the InstDisc/DINO vote)."""
+"""Weighted k-NN probe against a brute-force double loop (the InstDisc/DINO vote), one k or
+several from one search."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import math
 import pytest
 import torch
 
-from wildsight.eval import knn_predict, knn_probe
+from wildsight.eval import knn_predict, knn_probe, knn_probes, nearest_neighbours
+from wildsight.eval.knn import knn_predict_many
 
 
 def brute_force_knn(train_x, train_y, test_x, k: int, temperature: float, num_classes: int):
@@ -95,3 +97,38 @@ def test_knn_rejects_bad_inputs(change: dict, message: str) -> None:
     )
     with pytest.raises(ValueError, match=message):
         knn_probe(**{**inputs, **change})
+
+
+def test_several_k_from_one_search_match_brute_force_for_each_k() -> None:
+    g = torch.Generator().manual_seed(11)
+    train_x = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    train_y = torch.randint(0, 4, (200,), generator=g)
+    test_x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    test_y = torch.randint(0, 4, (40,), generator=g)
+    ks = [1, 5, 20, 500]  # 500 > N: cut to the whole bank
+    results = knn_probes(train_x, train_y, test_x, test_y, ks=ks, temperature=0.1, chunk_size=9)
+    assert [r.params["k"] for r in results] == [1, 5, 20, 200]
+    many = knn_predict_many(train_x, train_y, test_x, ks=[1, 5, 20], temperature=0.1, num_classes=4)
+    for result in results:
+        k = result.params["k"]
+        expected = brute_force_knn(train_x, train_y, test_x, k, 0.1, 4)
+        assert result.predictions.tolist() == expected
+        if k in many:
+            assert many[k].tolist() == expected
+        top1 = sum(p == t for p, t in zip(expected, test_y.tolist(), strict=True)) / 40
+        assert result.top1 == pytest.approx(top1)
+    # the single-k entry point agrees with the many-k one
+    assert knn_probe(train_x, train_y, test_x, test_y, k=5, temperature=0.1).top1 == results[1].top1
+
+
+def test_nearest_neighbours_are_the_brute_force_cosine_top_k() -> None:
+    g = torch.Generator().manual_seed(12)
+    bank, queries = torch.randn(50, 5, generator=g), torch.randn(7, 5, generator=g)
+    sims, idx = nearest_neighbours(bank, queries, k=8, chunk_size=3)
+    for q in range(7):
+        cos = [
+            float(torch.dot(queries[q], b) / (queries[q].norm() * b.norm())) for b in bank
+        ]  # plain cosine per bank row
+        order = sorted(range(50), key=lambda i: -cos[i])[:8]
+        assert idx[q].tolist() == order
+        torch.testing.assert_close(sims[q], torch.tensor([cos[i] for i in order]))

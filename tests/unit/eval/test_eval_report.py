@@ -1,12 +1,13 @@
-"""format_table and ProbeResult.to_dict."""
+"""format_table, ProbeResult.to_dict and the confusion matrix."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
-from wildsight.eval import ProbeResult, format_table
+from wildsight.eval import ProbeResult, confusion_matrix, format_table
 
 
 def test_columns_are_aligned_and_top1_is_a_percentage() -> None:
@@ -49,3 +50,24 @@ def test_probe_result_to_dict_is_json() -> None:
     }
     d["params"]["k"] = 1
     assert result.params == {"k": 20}
+
+
+def test_confusion_matrix_is_a_direct_count() -> None:
+    g = torch.Generator().manual_seed(0)
+    true = torch.randint(0, 5, (300,), generator=g)
+    predicted = torch.randint(0, 6, (300,), generator=g)  # 5 = a label outside the list
+    labels = [0, 1, 2, 3, 4]
+    counts = confusion_matrix(true, predicted, labels)
+    expected = [[0] * 5 for _ in labels]
+    for t, p in zip(true.tolist(), predicted.tolist(), strict=True):
+        if p in labels:
+            expected[labels.index(t)][labels.index(p)] += 1
+    assert counts == expected
+    assert sum(map(sum, counts)) == int((predicted < 5).sum())
+    # label values need not be 0..C-1; rows follow the order of `labels`
+    names = torch.tensor([7, 3, 9, 4, 1])
+    assert confusion_matrix(names[true], names[predicted.clamp(max=4)], [7, 3, 9, 4, 1]) == (
+        confusion_matrix(true, predicted.clamp(max=4), labels)
+    )
+    with pytest.raises(ValueError, match="300 labels but 2 predictions"):
+        confusion_matrix(true, predicted[:2], labels)

@@ -1,0 +1,219 @@
+"""Low-shot evaluation: fine-tune (or probe) on class-balanced label subsets, several seeds.
+
+SimCLR v2 and SEER report accuracy with 1% and 10% of ImageNet's labels. Here a subset is a
+function of the labels and the seed only, never of the model, so every model of a comparison
+(and every later run) sees exactly the same images:
+
+* ``label_order(labels, seed)`` ranks all N images: round r takes the r-th image of every class,
+  classes in a seeded order, images within a class in a seeded order. The subset of size n is
+  the first n of that ranking, hence
+* class-balanced: class counts differ by at most one (until a class runs out of images; the
+  others then keep taking turns);
+* exactly n = round(fraction * N) images;
+* NESTED: for one seed, the 1% subset is contained in the 10% subset (a controlled comparison:
+  more labels add images, they do not swap them);
+* stable: the seeded orders come from a fixed integer hash (splitmix64) of (seed, index), not
+  from a library RNG whose stream could change between versions.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from wildsight.eval.features import extract_features
+from wildsight.eval.finetune import (
+    DEFAULT_FINETUNE,
+    Classifier,
+    FinetuneConfig,
+    InputSpec,
+    finetune,
+)
+from wildsight.eval.linear import linear_probe
+from wildsight.eval.models import LabelledImages
+from wildsight.train.trainer import pick_device
+
+PROTOCOLS = ("finetune", "linear")
+MODELS = ("pretrained", "random init")
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """Steele et al.'s SplitMix64 finaliser on uint64 [n] (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _keys(seed: int, values: np.ndarray, salt: int) -> np.ndarray:
+    """A pseudo-random uint64 key per value, fixed by (seed, salt, value)."""
+    with np.errstate(over="ignore"):
+        base = _splitmix64(np.array([seed * 2 + salt], dtype=np.uint64))
+        return _splitmix64(values.astype(np.uint64) ^ base)
+
+
+def check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"a label-subset seed must be an integer >= 0, got {seed!r}")
+    return int(seed)
+
+
+def label_order(labels: Tensor, seed: int) -> Tensor:
+    """int64 [N]: every index of labels [N], ranked class-round-robin (module docstring)."""
+    seed = check_seed(seed)
+    y = torch.as_tensor(labels).cpu().numpy().astype(np.int64)
+    if y.ndim != 1 or len(y) == 0:
+        raise ValueError(f"label subsets need labels [N] with N > 0, got shape {y.shape}")
+    if (y < 0).any():
+        raise ValueError(f"{int((y < 0).sum()):,} images have no label (-1); subsets need labels")
+    classes = np.unique(y)  # [C]
+    class_rank = np.argsort(np.argsort(_keys(seed, classes, salt=1), kind="stable"), kind="stable")
+    index = np.arange(len(y))
+    within = np.lexsort((index, _keys(seed, index, salt=0), y))  # by class, then by key
+    position = np.empty(len(y), dtype=np.int64)  # position of each image within its class
+    sorted_y = y[within]
+    starts = np.searchsorted(sorted_y, sorted_y, side="left")  # first slot of each class
+    position[within] = np.arange(len(y)) - starts
+    key = position * len(classes) + class_rank[np.searchsorted(classes, y)]  # unique per image
+    return torch.from_numpy(np.argsort(key, kind="stable"))
+
+
+def check_fraction(fraction: float) -> float:
+    """A label fraction must be a number in (0, 1]."""
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or math.isnan(fraction):
+        raise ValueError(f"a label fraction must be a number in (0, 1], got {fraction!r}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(
+            f"a label fraction must be in (0, 1] (0.01 = 1% of the labels), got {fraction}"
+        )
+    return float(fraction)
+
+
+def check_plan(fractions: Sequence[float], seeds: int) -> None:
+    """Low-shot arguments: at least one valid fraction; `seeds` (a count: seeds 0 .. seeds-1) >= 1."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"--seeds is how many seeds to run (0, 1, ...), must be >= 1, got {seeds}")
+    if not fractions:
+        raise ValueError("low-shot needs at least one label fraction, e.g. 0.01 0.1")
+    for fraction in fractions:
+        check_fraction(fraction)
+
+
+def subset_size(num_images: int, fraction: float, num_classes: int) -> int:
+    """round(fraction * N), checked: 0 < fraction <= 1 and at least one image per class."""
+    n = round(check_fraction(fraction) * num_images)
+    if n < num_classes:
+        raise ValueError(
+            f"fraction {fraction} of {num_images:,} images is {n} labels, fewer than the "
+            f"{num_classes} classes; use a fraction >= {num_classes / num_images:.2g}"
+        )
+    return n
+
+
+def class_balanced_subset(labels: Tensor, fraction: float, seed: int) -> Tensor:
+    """Sorted int64 indices [round(fraction * N)] of a class-balanced, seed-fixed label subset."""
+    labels = torch.as_tensor(labels)
+    n = subset_size(len(labels), fraction, int(torch.unique(labels[labels >= 0]).numel()))
+    return label_order(labels, seed)[:n].sort().values
+
+
+@dataclass(frozen=True)
+class LowshotRow:
+    """One (model, fraction, seed) run."""
+
+    model: str  # "pretrained" | "random init"
+    fraction: float
+    seed: int
+    num_labels: int
+    top1: float
+    seconds: float | None  # training time of a fine-tune; None for a probe
+    params: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def summarize(rows: Sequence[LowshotRow]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation (n - 1; 0 for one seed) of top-1 per (model, fraction).
+
+    Rows of the result (top-1 fractions): model, fraction, num_labels, seeds, mean, std, min,
+    max -- the rows of the report's accuracy-vs-label-fraction plot (``svg.plot_label_fraction``).
+    """
+    groups: dict[tuple[str, float], list[LowshotRow]] = {}
+    for row in rows:
+        groups.setdefault((row.model, row.fraction), []).append(row)
+    out = []
+    for (model, fraction), members in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        accs = [m.top1 for m in members]
+        out.append({
+            "model": model, "fraction": fraction, "num_labels": members[0].num_labels,
+            "seeds": len(accs), "mean": statistics.fmean(accs),
+            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "min": min(accs), "max": max(accs),
+        })  # fmt: skip
+    return out
+
+
+def run_lowshot(
+    make_classifier: Callable[[str, int], Classifier],
+    inputs: InputSpec,
+    train: LabelledImages,
+    test_images: Tensor,
+    test_labels: Tensor,
+    *,
+    fractions: Sequence[float] = (0.01, 0.1),
+    seeds: int = 3,
+    protocol: str = "finetune",
+    cfg: FinetuneConfig = DEFAULT_FINETUNE,
+    models: Sequence[str] = MODELS,
+    log: Callable[[str], None] = print,
+) -> list[LowshotRow]:
+    """Every model x fraction x seed: a subset fixed by (labels, seed), then fine-tune or probe.
+
+    make_classifier(model, seed) builds a fresh Classifier ("pretrained" or "random init"; the
+    random init is drawn from `seed`). Fine-tuning seeds the crops and the batch order with the
+    subset's seed too. protocol "linear" fits the L-BFGS probe on frozen features of the subset
+    (features extracted once per model; the random-init encoder of seed 0).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown low-shot protocol {protocol!r}; choose from {list(PROTOCOLS)}")
+    check_plan(fractions, seeds)
+    for model in models:
+        if model not in MODELS:
+            raise ValueError(f"unknown low-shot model {model!r}; choose from {list(MODELS)}")
+    subsets = {(f, s): class_balanced_subset(train.labels, f, s)  # fails early on bad fractions
+               for f in fractions for s in range(seeds)}  # fmt: skip
+    rows: list[LowshotRow] = []
+    for model in models:
+        features = None
+        if protocol == "linear":
+            encoder, device = make_classifier(model, 0).encoder, pick_device(cfg.device)
+            features = tuple(  # train [N, D], test [M, D]
+                extract_features(encoder, x, transform=inputs.eval, device=device)
+                for x in (train.images, test_images)
+            )
+        for (fraction, seed), idx in subsets.items():
+            if features is not None:
+                probe = linear_probe(features[0][idx], train.labels[idx], features[1], test_labels)
+                top1, seconds, params = probe.top1, None, dict(probe.params)
+            else:
+                result = finetune(
+                    make_classifier(model, seed), train.images[idx], train.labels[idx],
+                    test_images, test_labels, inputs=inputs, cfg=replace(cfg, seed=seed),
+                )  # fmt: skip
+                top1, seconds = result.top1, result.seconds
+                params = {"total_steps": result.params["total_steps"]}
+            rows.append(LowshotRow(model, fraction, seed, len(idx), top1, seconds, params))
+            log(f"low-shot {protocol}: {model}, {fraction:g} of the labels ({len(idx):,} images), "
+                f"seed {seed}: top-1 {100 * top1:.1f}%")  # fmt: skip
+    return rows

@@ -1,0 +1,163 @@
+"""Models and data for fine-tuning, from run directories and sources; fine-tuned models on disk.
+
+* ``load_images(source)``: a whole labelled source in memory (uint8), its class names;
+* ``build_encoder(cfg, backbone, keep_head_layers, state)``: the module to fine-tune, the
+  backbone or (SimCLR v2, "fine-tune from a middle layer of the projection head") backbone + the
+  first head layers of the pretrained method;
+* ``save_classifier`` / ``load_classifier``: a fine-tuned classifier as a folder,
+
+    DIR/model.safetensors   Classifier.state_dict() (encoder + head), never pickle
+    DIR/classifier.json     {"format", "config" (the pretrain run's resolved config),
+                             "keep_head_layers", "feature_dim", "num_classes", "classes",
+                             "run" (the pretrain run directory), "labels" (source, fraction,
+                             seed of the labelled subset), "result"}
+
+  self-contained: the architecture is rebuilt from the stored config, so the pretrain run is not
+  needed to load it (only to start a student from the same run). Files are written under
+  temporary names and renamed, the JSON last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from wildsight import config as config_lib
+from wildsight.backbones import build_backbone
+from wildsight.data import Loader, open_dataset
+from wildsight.eval.finetune import Classifier, InputSpec
+from wildsight.methods import build_method
+from wildsight.train import checkpoint
+
+FORMAT = "wildsight-classifier/1"
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Every decodable image of a source, in source order: images uint8 [N, 3, S, S], labels [N]."""
+
+    source: str
+    images: Tensor
+    labels: Tensor  # int64 [N], -1 = unknown
+    classes: list[str] | None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.classes else int(self.labels.max()) + 1
+
+
+def load_images(source: str, image_size: int, *, labelled: bool = True) -> LabelledImages:
+    """Decode a whole source into memory; `labelled` requires a class for every image."""
+    dataset = open_dataset([source], image_size)
+    batches = list(Loader(dataset, batch_size=1024, seed=0, shuffle=False, drop_last=False))
+    if not batches:
+        raise ValueError(f"no image of {source!r} could be decoded")
+    images = torch.cat([b.images for b in batches])  # [N, 3, S, S]
+    labels = torch.cat([b.labels for b in batches])  # [N]
+    unknown = int((labels < 0).sum())
+    if labelled and unknown:
+        raise ValueError(
+            f"{source!r}: {unknown:,} of {len(labels):,} images have no label; fine-tuning needs a "
+            "labelled source (class sub-folders, a list of path<TAB>label, or fmnist:train)"
+        )
+    return LabelledImages(source, images, labels, dataset.classes)
+
+
+def align_labels(
+    classes: list[str] | None, other: LabelledImages, *, reference: str = "the training set"
+) -> Tensor:
+    """other's labels [M] in the class indices of `classes` (matched by class name)."""
+    if classes is None or other.classes is None or classes == other.classes:
+        return other.labels
+    missing = sorted(set(other.classes) - set(classes))
+    if missing:
+        raise ValueError(f"classes {missing[:5]} of {other.source!r} do not occur in {reference}")
+    remap = torch.tensor([classes.index(name) for name in other.classes])
+    return torch.where(other.labels >= 0, remap[other.labels.clamp(min=0)], other.labels)
+
+
+def pretrained_state(run_dir: str | Path) -> dict[str, Tensor]:
+    """The whole pretrained method's state dict (backbone AND heads) of a run's latest checkpoint."""
+    tensors, state = checkpoint.load_checkpoint(Path(run_dir) / "checkpoints")
+    return checkpoint.unflatten_state(tensors, state["tensor_meta"])["model"]
+
+
+def head_layers_to_keep(cfg: Any, requested: int | None) -> int:
+    """How many projection-head layers go under the classifier: `requested`, or (None) the run's
+    own `method.keep_head_layers`; 0 for methods without that option (swav, byol, ...)."""
+    has_field = any(f.name == "keep_head_layers" for f in dataclasses.fields(cfg.method))
+    if requested is None:
+        return int(cfg.method.keep_head_layers) if has_field else 0
+    if requested < 0:
+        raise ValueError(f"keep_head_layers must be >= 0, got {requested}")
+    if requested > 0 and not has_field:
+        raise ValueError(
+            f"method {cfg.method.name!r} has no projection-head layers to keep; "
+            "--keep-head-layers needs a run pretrained with a method that has them (simclr)"
+        )
+    return requested
+
+
+def build_encoder(
+    cfg: Any, backbone: nn.Module, keep_head_layers: int, model_state: dict | None
+) -> nn.Module:
+    """The module to fine-tune: the backbone, or (SimCLR v2) backbone + the first
+    `keep_head_layers` projection-head layers (see `head_layers_to_keep`). model_state: the
+    pretrained method's state dict, loaded strictly; None = the heads at random init."""
+    k = head_layers_to_keep(cfg, keep_head_layers)
+    if k == 0:
+        return backbone
+    method = build_method(dataclasses.replace(cfg.method, keep_head_layers=k), backbone, cfg.views)
+    if model_state is not None:
+        method.load_state_dict(model_state, strict=True)
+    return method.encoder()
+
+
+def save_classifier(out: str | Path, model: Classifier, meta: dict[str, Any]) -> Path:
+    """Write `model` and `meta` (must hold "config" and "keep_head_layers") to the folder `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    missing = {"config", "keep_head_layers"} - set(meta)
+    if missing:
+        raise ValueError(f"classifier metadata lacks {sorted(missing)}")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, out / "model.safetensors")
+    doc = {"format": FORMAT, "feature_dim": model.feature_dim, "num_classes": model.num_classes,
+           **meta}  # fmt: skip
+    tmp = out / "classifier.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, out / "classifier.json")
+    return out
+
+
+def load_classifier(path: str | Path) -> tuple[Classifier, InputSpec, dict[str, Any]]:
+    """(model in eval mode, its input, the metadata) of a folder written by `save_classifier`."""
+    folder = Path(path)
+    doc_path = folder / "classifier.json"
+    if not doc_path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} holds no fine-tuned classifier (no classifier.json); write one with "
+            "`wildsight eval finetune ... --save DIR`"
+        )
+    meta = json.loads(doc_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{doc_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    cfg = config_lib.load(meta["config"])
+    backbone = build_backbone(cfg.backbone.name, small_input=bool(cfg.backbone.small_input))
+    encoder = build_encoder(cfg, backbone, int(meta["keep_head_layers"]), model_state=None)
+    model = Classifier(encoder, int(meta["feature_dim"]), int(meta["num_classes"]))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    inputs = InputSpec.from_config(cfg)
+    if inputs.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model.eval(), inputs, meta

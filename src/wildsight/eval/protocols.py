@@ -1,0 +1,130 @@
+"""Frozen-feature protocols from features to a result document: the probe(s) of every requested
+layer, a table row each, the confusion matrix and the nearest-neighbour grid of the headline
+probe. ``api.evaluate`` feeds it features of the run's encoder; the document goes to
+``html.save_result`` (RUN_DIR/eval/<name>.json + report.html).
+
+Protocols: "linear" (L-BFGS, or SGD with ``solver="sgd"``), "mlp", "knn" (one row per k) and
+"transfer" (the linear probe on a labelled source other than the pretraining one, the
+pretrained features next to the same backbone at random init).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from wildsight.eval.features import PRE_LOGITS
+from wildsight.eval.html import neighbour_doc, pick_queries
+from wildsight.eval.knn import knn_probes
+from wildsight.eval.linear import linear_probe
+from wildsight.eval.mlp import mlp_probe
+from wildsight.eval.report import ProbeResult, confusion_matrix
+from wildsight.eval.sgd import linear_probe_sgd
+
+PROTOCOLS = ("linear", "mlp", "knn", "transfer")
+SOLVERS = ("lbfgs", "sgd")
+
+
+@dataclass(frozen=True)
+class LabelledFeatures:
+    """Frozen features of one labelled source, per probe layer."""
+
+    source: str
+    features: dict[str, Tensor]  # layer -> float32 [N, D_layer]
+    labels: Tensor  # int64 [N], index into classes
+    classes: list[str]  # class names
+    image: Callable[[int], Tensor] | None = None  # row -> uint8 [C, H, W] (the neighbour grid)
+
+
+def align_classes(train: LabelledFeatures, test: LabelledFeatures) -> LabelledFeatures:
+    """test with labels renumbered into train's classes, matched by name; a test class unknown
+    to train gets a new index after train's (its images can only be errors)."""
+    if test.classes == train.classes:
+        return test
+    names = list(train.classes) + [c for c in test.classes if c not in train.classes]
+    remap = torch.tensor([names.index(c) for c in test.classes], dtype=torch.long)  # [C_test]
+    labels = torch.where(test.labels >= 0, remap[test.labels.clamp(min=0)], test.labels)
+    return replace(test, labels=labels, classes=names)
+
+
+def run_probes(
+    protocol: str,
+    train: LabelledFeatures,
+    test: LabelledFeatures,
+    *,
+    layers: Sequence[str],
+    features_name: str = "pretrained",
+    solver: str = "lbfgs",
+    ks: Sequence[int] = (20,),
+    temperature: float = 0.07,
+    device: torch.device | str = "cpu",
+) -> tuple[list[dict[str, Any]], list[ProbeResult]]:
+    """One table row per (layer[, k]) and the matching ProbeResults, layers in the given order."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {list(PROTOCOLS)}")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose from {list(SOLVERS)}")
+    rows, results = [], []
+    for layer in layers:
+        args = (train.features[layer], train.labels, test.features[layer], test.labels)
+        if protocol == "knn":
+            found = knn_probes(*args, ks=ks, temperature=temperature, device=device)
+        elif protocol == "mlp":
+            found = [mlp_probe(*args, device=device)]
+        elif solver == "sgd":
+            found = [linear_probe_sgd(*args, device=device)]
+        else:
+            found = [linear_probe(*args, device=device)]
+        for result in found:
+            row: dict[str, Any] = {"features": features_name, "layer": layer}
+            if protocol == "knn":
+                row["k"] = result.params["k"]
+            rows.append({**row, **result.to_dict()})
+            results.append(result)
+    return rows, results
+
+
+def headline_index(rows: Sequence[dict[str, Any]]) -> int:
+    """The row a one-number summary quotes: the pre-logits (else the last layer), first k."""
+    layers = [r["layer"] for r in rows]
+    layer = PRE_LOGITS if PRE_LOGITS in layers else layers[-1]
+    return layers.index(layer)
+
+
+def result_document(
+    protocol: str,
+    rows: list[dict[str, Any]],
+    headline: ProbeResult,
+    train: LabelledFeatures,
+    test: LabelledFeatures,
+    *,
+    layer: str,
+    neighbours: int = 8,
+    **meta: Any,
+) -> dict[str, Any]:
+    """The JSON document of one eval: meta, rows, the headline row's fields at the top level
+    (``top1`` etc., what scripts read), its confusion matrix and, when the sources can give
+    images, the grid of the ``neighbours`` nearest training images of 8 test images."""
+    first = rows[headline_index(rows)]
+    doc: dict[str, Any] = {"protocol": protocol, **meta, "train": train.source,
+                           "test": test.source, "rows": rows}  # fmt: skip
+    doc.update({k: v for k, v in first.items() if k not in ("features", "layer")})
+    if headline.predictions is not None:
+        labels = list(range(len(test.classes)))
+        counts = confusion_matrix(test.labels, headline.predictions, labels)
+        doc["confusion"] = {"labels": list(test.classes), "counts": counts,
+                            "of": f"{first['features']}, {layer}"}  # fmt: skip
+    if neighbours > 0 and train.image is not None and test.image is not None:
+        queries = pick_queries(test.labels)
+        doc["neighbours"] = neighbour_doc(
+            train.features[layer], test.features[layer][queries],
+            bank_labels=[train.classes[c] for c in train.labels.tolist()],
+            query_labels=[test.classes[int(test.labels[q])] for q in queries],
+            bank_image=train.image, query_image=lambda q: test.image(queries[q]),  # type: ignore[misc]
+            k=neighbours, layer=layer, train=train.source, test=test.source,
+        )  # fmt: skip
+    return doc

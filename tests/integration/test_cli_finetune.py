@@ -1,0 +1,90 @@
+"""`wildsight eval finetune | eval lowshot` and `wildsight distill` end to end on a tiny folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from wildsight.cli import main
+
+TINY = ["--steps", "2", "--batch-size", "8", "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 2-step SwAV run on 48 images of 2 classes (16 px), and that folder."""
+    from tests.conftest import write_images
+
+    root = tmp_path_factory.mktemp("ft")
+    folder = root / "images"
+    write_images(folder, 48)
+    out = root / "run"
+    args = ["pretrain", "--data", str(folder), "--image-size", "16", "--backbone", "regnetx_200mf",
+            "--batch-size", "8", "--workers", "0", "--out", str(out), "--no-progress", "--steps", "2",
+            "--set", "method.num_prototypes=10", "--set", "method.hidden_dims=[32]",
+            "--set", "method.out_dim=16"]  # fmt: skip
+    assert main(args) == 0
+    return out, folder
+
+
+def test_finetune_then_distill(run: tuple[Path, Path], tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    out, folder = run
+    teacher = tmp_path / "teacher"
+    args = ["eval", "finetune", "--checkpoint", str(out), "--train", str(folder),
+            "--test", str(folder), "--fraction", "0.5", "--seed", "1", "--save", str(teacher),
+            "--json", str(tmp_path / "ft.json"), *TINY]  # fmt: skip
+    assert main(args) == 0
+    doc = json.loads((tmp_path / "ft.json").read_text())
+    assert doc["protocol"] == "finetune" and 0.0 <= doc["top1"] <= 1.0
+    assert doc["labels"] == {"source": str(folder), "fraction": 0.5, "seed": 1, "num_labels": 24}
+    assert doc["rows"][0]["num_train"] == 24 and doc["rows"][0]["num_test"] == 48
+    assert sum(map(sum, doc["confusion"]["counts"])) == 48
+    assert (out / "eval" / "finetune-0.5.json").is_file() and (out / "report.html").is_file()
+    assert "fine-tune" in capsys.readouterr().out
+
+    args = ["distill", "--teacher", str(teacher), "--unlabelled", str(folder), "--test", str(folder),
+            "--json", str(tmp_path / "d.json"), "--alpha", "0.5", "--save", str(tmp_path / "s"),
+            *TINY]  # fmt: skip
+    assert main(args) == 0
+    doc = json.loads((tmp_path / "d.json").read_text())
+    assert [r["model"] for r in doc["rows"]] == ["teacher", "student"]
+    assert doc["num_unlabelled"] == 48 and doc["num_labelled"] == 24  # the teacher's subset
+    assert 0.0 <= doc["agreement"] <= 1.0 and (tmp_path / "s" / "model.safetensors").is_file()
+    assert "agrees with the teacher" in capsys.readouterr().out
+
+
+def test_lowshot_with_its_random_init_reference(run: tuple[Path, Path], tmp_path: Path) -> None:
+    out, folder = run
+    args = ["eval", "lowshot", "--checkpoint", str(out), "--train", str(folder),
+            "--test", str(folder), "--fractions", "0.25", "0.5", "--seeds", "2",
+            "--json", str(tmp_path / "ls.json"), *TINY]  # fmt: skip
+    assert main(args) == 0
+    doc = json.loads((tmp_path / "ls.json").read_text())
+    assert {(r["model"], r["fraction"]) for r in doc["rows"]} == {
+        (m, f) for m in ("pretrained", "random init") for f in (0.25, 0.5)
+    }
+    assert all(r["seeds"] == 2 for r in doc["rows"]) and len(doc["runs"]) == 8
+    assert {r["num_labels"] for r in doc["runs"]} == {12, 24}
+    assert "Accuracy vs label fraction" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["finetune", "--fraction", "1.5"], "fraction"),
+        (["finetune", "--seed", "-1"], "seed"),
+        (["lowshot", "--seeds", "0"], "seeds"),
+        (["finetune", "--keep-head-layers", "1"], "head"),
+        (["finetune", "--steps", "0"], "steps"),
+    ],  # fmt: skip
+)
+def test_bad_values_are_one_line_errors(run: tuple[Path, Path], capsys, extra: list[str],
+                                        message: str) -> None:  # noqa: ANN001  # fmt: skip
+    out, folder = run
+    args = ["eval", extra[0], "--checkpoint", str(out), "--train", str(folder), "--test",
+            str(folder), *extra[1:]]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err
