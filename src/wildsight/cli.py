@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--steps", type=int)
     budget.add_argument("--epochs", type=float)
     budget.add_argument("--time-budget", type=float, metavar="SECONDS")
+    budget.add_argument(
+        "--online", action="store_true",
+        help="SEER online: train on the endless stream until stopped (SIGTERM/Ctrl-C), LR halved "
+        "on loss plateaus, a checkpoint every 30 min of wall time (train.checkpoint_every_s)",
+    )  # fmt: skip
     pre.add_argument("--batch-size", type=int)
     pre.add_argument("--precision", choices=["fp32", "bf16", "auto"])
     pre.add_argument("--checkpoint-every", type=int, metavar="STEPS")
@@ -165,6 +170,13 @@ def pretrain_tree(args: argparse.Namespace) -> dict:
         ):
             if getattr(args, flag) is None:
                 tree = config_lib.set_path(tree, f"train.{key}", None)
+    if args.online:  # no budget: the run ends on a signal; SEER's fixed LR halved on plateau
+        for key in ("steps", "epochs", "time_budget_s"):
+            tree = config_lib.set_path(tree, f"train.{key}", None)
+        tree = config_lib.set_path(tree, "train.online", True)
+        tree = config_lib.set_path(tree, "optim.schedule", "plateau")
+        if tree.get("train", {}).get("checkpoint_every_s") is None:
+            tree = config_lib.set_path(tree, "train.checkpoint_every_s", 1800.0)
     if args.no_progress:
         tree = config_lib.set_path(tree, "train.progress", False)
     for item in args.set:

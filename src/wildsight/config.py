@@ -79,6 +79,8 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every_steps: int = 1000
+    checkpoint_every_s: float | None = None  # also checkpoint when this much wall time has passed
+    online: bool = False  # SEER online: read the stream forever (stop with SIGTERM/SIGINT)
     keep_last: int = 3
     log_every_steps: int = 10
     progress: bool = True
@@ -108,6 +110,8 @@ class Config:
                 "train.syncbn_group_size must be >= 0 (0 = off) and train.accumulate_steps >= 1, "
                 f"got {t.syncbn_group_size} and {t.accumulate_steps}"
             )
+        if t.checkpoint_every_s is not None and t.checkpoint_every_s <= 0:
+            raise ConfigError(f"train.checkpoint_every_s must be > 0, got {t.checkpoint_every_s}")
         for key in ("steps", "epochs", "time_budget_s"):
             value = getattr(t, key)
             if value is not None and value <= 0:

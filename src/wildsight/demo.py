@@ -18,10 +18,22 @@ DEMO_TIME_BUDGET_S = 480.0  # pretraining; the whole demo stays under 15 minutes
 DEMO_L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2)
 
 
-def run_demo(out: str | Path = "runs/demo", *, time_budget_s: float = DEMO_TIME_BUDGET_S,
-             train: str = "fmnist:train", test: str = "fmnist:test", overrides: dict | None = None) -> dict:  # fmt: skip
-    started = time.perf_counter()
-    tree = config_lib.read_yaml(config_lib.recipe_path("fmnist_demo"))
+# Fashion-MNIST recipe of every method (the demo budget, 2 x 28 px views, RegNetX-200MF small stem)
+FMNIST_RECIPES = {
+    "swav": "fmnist_demo", "simclr": "fmnist_simclr", "byol": "fmnist_byol",
+    "rotation": "fmnist_rotation", "jigsaw": "fmnist_jigsaw", "rpl": "fmnist_rpl",
+    "exemplar": "fmnist_exemplar",
+}  # fmt: skip
+
+
+def pretrain_fmnist(method: str, out: str | Path, *, time_budget_s: float,
+                    train: str = "fmnist:train", overrides: dict | None = None) -> api.TrainResult:  # fmt: skip
+    """Pretrains `method` with its Fashion-MNIST recipe for `time_budget_s` seconds."""
+    if method not in FMNIST_RECIPES:
+        raise ValueError(
+            f"no Fashion-MNIST recipe for method {method!r}; choose from {sorted(FMNIST_RECIPES)}"
+        )
+    tree = config_lib.read_yaml(config_lib.recipe_path(FMNIST_RECIPES[method]))
     tree = config_lib.merge(tree, {"data": {"sources": [train]},
                                    "train": {"out": str(out), "time_budget_s": time_budget_s, "steps": None}})  # fmt: skip
     tree = config_lib.merge(tree, overrides or {})
@@ -29,34 +41,51 @@ def run_demo(out: str | Path = "runs/demo", *, time_budget_s: float = DEMO_TIME_
     if result.stopped_by in ("SIGINT", "SIGTERM"):  # the user stopped it (checkpoint saved)
         raise KeyboardInterrupt
     print(
-        f"pretrained {result.steps} steps ({result.images_seen:,} images, {result.images_per_s:.0f} img/s) "
-        f"in {result.images_seen / max(result.images_per_s, 1e-9):.0f} s; evaluating ..."
+        f"{method}: pretrained {result.steps} steps ({result.images_seen:,} images, "
+        f"{result.images_per_s:.0f} img/s) in {result.images_seen / max(result.images_per_s, 1e-9):.0f} s"
     )
-    encoders = {
-        "swav": api.load_encoder(out),
-        "random init": api.load_encoder(out, random_init=True),
-        "raw pixels": None,
-    }
-    rows = []
-    for name, encoder in encoders.items():
-        size = 28 if encoder is None else encoder.config.data.image_size
-        train_x, train_y = api.source_features(encoder, train, image_size=size)
-        test_x, test_y = api.source_features(encoder, test, image_size=size)
-        linear = linear_probe(train_x, train_y, test_x, test_y, l2_grid=DEMO_L2_GRID, max_iter=300)
-        knn = knn_probe(train_x, train_y, test_x, test_y)
-        rows.append({
-            "features": name, "dim": train_x.shape[1], "linear_top1": linear.top1, "knn_top1": knn.top1,
-            "linear": linear.to_dict(), "knn": knn.to_dict(),
-        })  # fmt: skip
+    return result
+
+
+def probe_row(name: str, encoder: api.Encoder | None, train: str, test: str) -> dict:
+    """Linear-probe (L-BFGS, DEMO_L2_GRID) and k-NN test accuracy of one feature set."""
+    size = 28 if encoder is None else encoder.config.data.image_size
+    train_x, train_y = api.source_features(encoder, train, image_size=size)
+    test_x, test_y = api.source_features(encoder, test, image_size=size)
+    linear = linear_probe(train_x, train_y, test_x, test_y, l2_grid=DEMO_L2_GRID, max_iter=300)
+    knn = knn_probe(train_x, train_y, test_x, test_y)
+    return {
+        "features": name, "dim": train_x.shape[1], "linear_top1": linear.top1, "knn_top1": knn.top1,
+        "linear": linear.to_dict(), "knn": knn.to_dict(),
+    }  # fmt: skip
+
+
+def pretrain_summary(result: api.TrainResult, time_budget_s: float) -> dict:
+    return {"steps": result.steps, "images_seen": result.images_seen,
+            "images_per_s": result.images_per_s, "peak_memory_mb": result.peak_memory_mb,
+            "time_budget_s": time_budget_s, "last_loss": result.last_loss}  # fmt: skip
+
+
+def run_demo(out: str | Path = "runs/demo", *, time_budget_s: float = DEMO_TIME_BUDGET_S,
+             train: str = "fmnist:train", test: str = "fmnist:test", method: str = "swav",
+             overrides: dict | None = None) -> dict:  # fmt: skip
+    started = time.perf_counter()
+    result = pretrain_fmnist(
+        method, out, time_budget_s=time_budget_s, train=train, overrides=overrides
+    )
+    print("evaluating ...")
+    rows = [
+        probe_row(method, api.load_encoder(out), train, test),
+        probe_row("random init", api.load_encoder(out, random_init=True), train, test),
+        probe_row("raw pixels", None, train, test),
+    ]
     print(format_table(rows, ["features", "dim", "linear_top1", "knn_top1"],
-                       title=f"Fashion-MNIST test accuracy ({result.steps} SwAV steps on {train})"))  # fmt: skip
+                       title=f"Fashion-MNIST test accuracy ({result.steps} {method} steps on {train})"))  # fmt: skip
     summary = {
-        "pretrain": {"steps": result.steps, "images_seen": result.images_seen,
-                     "images_per_s": result.images_per_s, "peak_memory_mb": result.peak_memory_mb,
-                     "time_budget_s": time_budget_s, "last_loss": result.last_loss},
+        "pretrain": pretrain_summary(result, time_budget_s),
         "rows": rows,
         "total_s": time.perf_counter() - started,
-    }  # fmt: skip
+    }
     api.write_json(Path(out) / "results.json", summary)
     print(f"results written to {Path(out) / 'results.json'} ({summary['total_s']:.0f} s in all)")
     return summary

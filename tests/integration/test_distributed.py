@@ -38,7 +38,7 @@ AUG = {"blur_p": 0.0, "grayscale_p": 0.0}
 METHODS: dict[str, tuple[dict, list[dict], float]] = {  # method, crop groups, LR per 256
     "swav": (
         {"name": "swav", "hidden_dims": [16], "out_dim": 8, "num_prototypes": 10,
-         "freeze_prototypes_steps": 2, "queue_length": 0},
+         "freeze_prototypes_steps": 2, "queue_length": 32},  # the queue is used from step 2
         [{"count": 2, "size": 16, "scale": [0.5, 1.0], "augment": AUG},
          {"count": 2, "size": 12, "scale": [0.3, 0.6], "augment": AUG}],
         0.3,

@@ -82,8 +82,11 @@ class SwAV(Method):
         scores = self.prototypes(z).chunk(len(views))  # V x [B, K]
         queue_scores = None
         if self._queue_ready(step):
+            # every process holds the whole (global) queue; each scores its own strided share, so
+            # Sinkhorn's all-reduced sums count every queued feature once, as in one process
+            share = slice(distributed.rank(), None, distributed.world_size())
             queue_scores = [
-                self.prototypes(self.queue[i].to(z.dtype)) for i in range(self.num_global)
+                self.prototypes(self.queue[i, share].to(z.dtype)) for i in range(self.num_global)
             ]
         loss = swav_loss(
             scores,
@@ -131,6 +134,15 @@ class SwAV(Method):
         if length == 0 or step < self.cfg.queue_start_step:  # used once full, as SwAV
             return
         z = output.aux["global_z"].float().view(self.num_global, -1, self.cfg.out_dim)  # [G, B, D]
+        # the queue holds features of the GLOBAL batch, in rank order, so it is the same on every
+        # process: a checkpoint (written by rank 0) resumes exactly on any number of processes,
+        # and W processes keep the queue of one process with the same global batch
+        g, b, d = z.shape
+        z = distributed.gather_with_grad(z.transpose(0, 1).reshape(b, g * d))  # [W * B, G * D]
+        # rank r holds global positions r, r + W, ... (train/parallel.py: global_rows), so the
+        # rank-major gather [W, B] is put back in global-batch order [B, W] -> [W * B]
+        w = z.shape[0] // b
+        z = z.view(w, b, g, d).transpose(0, 1).reshape(w * b, g, d).transpose(0, 1)  # [G, W*B, D]
         batch = min(z.shape[1], length)
         self.queue[:, batch:] = self.queue[:, :-batch].clone()  # shift older entries back
         self.queue[:, :batch] = z[:, :batch]

@@ -29,8 +29,15 @@ def resolve_config(cfg: Config) -> Config:
         backbone = dataclasses.replace(backbone, small_input=data.image_size <= 64)
     views = cfg.views or default_views(data.image_size, cfg.method.name)
     t = cfg.train
-    if t.steps is None and t.epochs is None and t.time_budget_s is None:
-        raise config_lib.ConfigError("no training budget: give --steps, --epochs or --time-budget")
+    if t.steps is None and t.epochs is None and t.time_budget_s is None and not t.online:
+        raise config_lib.ConfigError(
+            "no training budget: give --steps, --epochs or --time-budget (or --online to train until stopped)"
+        )
+    if t.online and cfg.optim.schedule == "cosine":
+        raise config_lib.ConfigError(
+            "train.online runs without an end, so a cosine schedule has nothing to decay to: "
+            "use optim.schedule plateau (SEER online) or constant"
+        )
     largest = max(group.size for group in views.groups)
     if largest > MAX_CROP_UPSAMPLING * data.image_size:
         raise config_lib.ConfigError(

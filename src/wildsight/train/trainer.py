@@ -179,7 +179,7 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
         log.message(f"wildsight: {note}")
     method.train()
     last_loss, window_loss, window_images, window_start = float("nan"), [], 0, time.perf_counter()
-    tick = window_start
+    tick = last_save = window_start
     batches = iter(loader)
     try:
         with guards.StopSignals() as signals:
@@ -264,9 +264,14 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
                     if warning:
                         log.message(warning)
                 stopped_by = stop_reason()
-                periodic = state["step"] % t.checkpoint_every_steps == 0 and not nonfinite.in_a_row
+                periodic = state["step"] % t.checkpoint_every_steps == 0 or (
+                    t.checkpoint_every_s is not None  # online runs checkpoint by wall time too
+                    and time.perf_counter() - last_save >= t.checkpoint_every_s
+                )
+                periodic = periodic and not nonfinite.in_a_row
                 if stopped_by is not None or periodic:
                     save()
+                    last_save = time.perf_counter()
             if signals.received:
                 log.message(
                     f"wildsight: {stopped_by} received: stopped at step {state['step']} with a "
