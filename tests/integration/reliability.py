@@ -65,3 +65,24 @@ def cli_popen(*args: str, code: str = "", **kwargs) -> subprocess.Popen:
         [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env=cli_env(), cwd=REPO, **kwargs,
     )  # fmt: skip
+
+
+def crash_then_resume(monkeypatch, cls: type, tree: dict, *, crash_step: int = 4):  # noqa: ANN001, ANN201
+    """Runs `tree` with `cls.after_step` raising at `crash_step` (a simulated kill after the
+    forward/backward of that step), then resumes it; returns the resumed TrainResult."""
+    import pytest
+
+    from wildsight import api, config
+
+    original = cls.after_step
+
+    def crash(self, step, output):  # noqa: ANN001, ANN202
+        if step == crash_step:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, step, output)
+
+    monkeypatch.setattr(cls, "after_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        api.pretrain(config.load(tree))
+    monkeypatch.setattr(cls, "after_step", original)
+    return api.pretrain(config.load(tree), resume=True)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_tree
+from tests.integration.reliability import crash_then_resume
 from wildsight import api, config
 from wildsight.methods.byol import BYOL
 from wildsight.methods.simclr import SimCLR
@@ -35,20 +36,8 @@ def _final_model(run_dir):
 def test_crash_then_resume_equals_uninterrupted(name, image_folder, tmp_path, monkeypatch):
     cls = SMALL[name][0]
     api.pretrain(config.load(_tree(name, image_folder, tmp_path / "straight")))
-    original = cls.after_step
-
-    def crash_at_step_4(self, step, output):
-        if step == 4:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, step, output)
-
-    monkeypatch.setattr(cls, "after_step", crash_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        api.pretrain(config.load(_tree(name, image_folder, tmp_path / "crashed")))
-    monkeypatch.setattr(cls, "after_step", original)
-    resumed = api.pretrain(
-        config.load(_tree(name, image_folder, tmp_path / "crashed")), resume=True
-    )
+    tree = _tree(name, image_folder, tmp_path / "crashed")
+    resumed = crash_then_resume(monkeypatch, cls, tree)
     assert resumed.steps == 6
     a, b = _final_model(tmp_path / "straight"), _final_model(tmp_path / "crashed")
     assert a.keys() == b.keys()
