@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--k", type=int, nargs="+", default=[20], help="k-NN: k (one row each)")
     ev.add_argument("--solver", choices=["lbfgs", "sgd"], default="lbfgs", help="linear/transfer")
-    ev.add_argument("--layers", nargs="+", default=None, help="stage1 ... pre_logits, or all")
+    ev.add_argument("--layers", nargs="+", default=None,
+                    help="stage1 ... pre_logits (pooled), stage1_grid ... (maps pooled to ~9k values, Goyal et al. 2019), all or grids")  # fmt: skip
     ev.add_argument("--name", help="result name: RUN_DIR/eval/NAME.json (default from the options)")
     ev.add_argument("--temperature", type=float, default=0.07, help="k-NN: vote temperature")
     ev.add_argument("--fraction", type=float, help="finetune: class-balanced share of the labels")

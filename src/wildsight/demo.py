@@ -11,11 +11,20 @@ from pathlib import Path
 from wildsight import api
 from wildsight import config as config_lib
 from wildsight.eval import format_table, knn_probe, linear_probe
+from wildsight.eval.features import PRE_LOGITS, grid_layer_names
 
 DEMO_TIME_BUDGET_S = 480.0  # pretraining; the whole demo stays under 15 minutes on 2 CPU cores
 # The demo's probe searches a shorter L2 grid than `eval linear` (1e-6 ... 1) to keep the whole
 # demo short; the chosen value sits inside it for all three feature sets (results.json: params).
-DEMO_L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2)
+DEMO_L2_GRID = (1e-4, 1e-3, 1e-2)
+# The linear probe of an encoder follows Goyal et al. (2019)'s benchmark: the maps of the last two
+# stages, each average-pooled to at most ~9k values ("stage3_grid", "stage4_grid"), one probe per
+# layer, and the row quotes the layer that scores best on the held-out split of TRAIN. The
+# global-average-pooled pre-logits are probed too (`linear_pooled_top1`) and feed the k-NN.
+DEMO_GRID_LAYERS = 2
+# L-BFGS iterations per fit: 100 and 300 gave the same test accuracy (89.75 vs 89.79% on
+# stage3_grid, one 1000 s one-thread run) at a third of the time.
+DEMO_MAX_ITER = 100
 
 
 # Fashion-MNIST recipe of every method (the demo budget, 2 x 28 px views, RegNetX-200MF small stem)
@@ -48,15 +57,39 @@ def pretrain_fmnist(method: str, out: str | Path, *, time_budget_s: float,
 
 
 def probe_row(name: str, encoder: api.Encoder | None, train: str, test: str) -> dict:
-    """Linear-probe (L-BFGS, DEMO_L2_GRID) and k-NN test accuracy of one feature set."""
-    size = 28 if encoder is None else encoder.config.data.image_size
-    train_x, train_y = api.source_features(encoder, train, image_size=size)
-    test_x, test_y = api.source_features(encoder, test, image_size=size)
-    linear = linear_probe(train_x, train_y, test_x, test_y, l2_grid=DEMO_L2_GRID, max_iter=300)
-    knn = knn_probe(train_x, train_y, test_x, test_y)
+    """Linear-probe (L-BFGS, DEMO_L2_GRID) and k-NN test accuracy of one feature set.
+
+    An encoder's `linear_top1` is that of its best grid layer on the held-out split (see
+    DEMO_GRID_LAYERS); raw pixels are one layer, probed as they are.
+    """
+    if encoder is None:
+        train_x, train_y = api.source_features(None, train, image_size=28)
+        test_x, test_y = api.source_features(None, test, image_size=28)
+        linear = linear_probe(
+            train_x, train_y, test_x, test_y, l2_grid=DEMO_L2_GRID, max_iter=DEMO_MAX_ITER
+        )
+        knn = knn_probe(train_x, train_y, test_x, test_y)
+        return {"features": name, "layer": "pixels", "dim": train_x.shape[1],
+                "linear_top1": linear.top1, "linear_pooled_top1": None, "knn_top1": knn.top1,
+                "linear": linear.to_dict(), "knn": knn.to_dict()}  # fmt: skip
+    size = encoder.config.data.image_size
+    grids = grid_layer_names(encoder.backbone)[-DEMO_GRID_LAYERS:]
+    layers = [PRE_LOGITS, *grids]
+    train_f, train_y, _ = api.source_layers(encoder, train, layers, image_size=size)
+    test_f, test_y, _ = api.source_layers(encoder, test, layers, image_size=size)
+    probes = {
+        layer: linear_probe(train_f[layer], train_y, test_f[layer], test_y,
+                            l2_grid=DEMO_L2_GRID, max_iter=DEMO_MAX_ITER)
+        for layer in layers
+    }  # fmt: skip
+    best = max(grids, key=lambda layer: probes[layer].val_top1)  # chosen without the test set
+    knn = knn_probe(train_f[PRE_LOGITS], train_y, test_f[PRE_LOGITS], test_y)
     return {
-        "features": name, "dim": train_x.shape[1], "linear_top1": linear.top1, "knn_top1": knn.top1,
-        "linear": linear.to_dict(), "knn": knn.to_dict(),
+        "features": name, "layer": best, "dim": train_f[best].shape[1],
+        "linear_top1": probes[best].top1, "linear_pooled_top1": probes[PRE_LOGITS].top1,
+        "knn_top1": knn.top1, "linear": probes[best].to_dict(),
+        "linear_layers": {layer: result.to_dict() for layer, result in probes.items()},
+        "knn": knn.to_dict(),
     }  # fmt: skip
 
 
@@ -79,7 +112,7 @@ def run_demo(out: str | Path = "runs/demo", *, time_budget_s: float = DEMO_TIME_
         probe_row("random init", api.load_encoder(out, random_init=True), train, test),
         probe_row("raw pixels", None, train, test),
     ]
-    print(format_table(rows, ["features", "dim", "linear_top1", "knn_top1"],
+    print(format_table(rows, ["features", "layer", "dim", "linear_top1", "linear_pooled_top1", "knn_top1"],
                        title=f"Fashion-MNIST test accuracy ({result.steps} {method} steps on {train})"))  # fmt: skip
     summary = {
         "pretrain": pretrain_summary(result, time_budget_s),

@@ -1,7 +1,13 @@
 """How good frozen features are: feature extraction (per layer), linear (L-BFGS or SGD), MLP and
 k-NN probes, tables, and the self-contained HTML report."""
 
-from wildsight.eval.features import extract_features, extract_layers, layer_names
+from wildsight.eval.features import (
+    extract_features,
+    extract_layers,
+    grid_layer_names,
+    grid_side,
+    layer_names,
+)
 from wildsight.eval.knn import knn_predict, knn_probe, knn_probes, nearest_neighbours
 from wildsight.eval.linear import (
     L2_GRID,
@@ -32,6 +38,8 @@ __all__ = [
     "knn_predict",
     "knn_probe",
     "knn_probes",
+    "grid_layer_names",
+    "grid_side",
     "layer_names",
     "linear_probe",
     "linear_probe_sgd",

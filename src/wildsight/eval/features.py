@@ -3,9 +3,11 @@ the same for several probe taps of a backbone at once (``extract_layers``)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wildsight.backbones import Backbone
@@ -66,42 +68,77 @@ def extract_features(
 
 
 PRE_LOGITS = "pre_logits"
+GRID_SUFFIX = "_grid"
+GRID_DIM_TARGET = (
+    9216  # Goyal et al. 2019 (VISSL's linear benchmarks): conv taps pooled to ~9k dims
+)
 
 
 def layer_names(backbone: Backbone) -> list[str]:
-    """Probe taps of a backbone: "stage1" ... "stage{S-1}" (pooled output of each stage) and
-    "pre_logits" (the pooled output of the last stage, what ``backbone(x)`` returns)."""
+    """Pooled probe taps of a backbone: "stage1" ... "stage{S-1}" (global average of each stage)
+    and "pre_logits" (that of the last stage, what ``backbone(x)`` returns)."""
     num_stages = len(backbone.stage_dims)
     return [f"stage{i + 1}" for i in range(num_stages - 1)] + [PRE_LOGITS]
 
 
+def grid_layer_names(backbone: Backbone) -> list[str]:
+    """Spatial probe taps "stage1_grid" ... "stage{S}_grid": each stage's map average-pooled to
+    the finest s x s grid with at most GRID_DIM_TARGET values (``grid_side``)."""
+    return [f"stage{i + 1}{GRID_SUFFIX}" for i in range(len(backbone.stage_dims))]
+
+
+def grid_side(channels: int, height: int, width: int, target: int = GRID_DIM_TARGET) -> int:
+    """Largest s <= min(height, width) with channels * s^2 <= target (at least 1).
+
+    This reproduces the feature sizes of Goyal et al. (2019)'s linear benchmark of ResNet-50 at
+    224 px: res2 6x6x256 = 9216, res3 4x4x512 = 8192, res4 3x3x1024 = 9216, res5 2x2x2048 = 8192.
+    """
+    side = max(1, math.isqrt(target // max(channels, 1)))
+    return max(1, min(side, height, width))
+
+
 def resolve_layers(backbone: Backbone, requested: Sequence[str]) -> list[str]:
-    """``["all"]`` -> every tap; otherwise the requested names, checked, in network order."""
-    names = layer_names(backbone)
-    if list(requested) == ["all"]:
-        return names
-    unknown = [r for r in requested if r not in names]
-    if unknown or not requested:
+    """Requested tap names, checked, in network order (a stage's pooled tap before its grid
+    tap); "all" stands for every pooled tap and "grids" for every grid tap."""
+    pooled, grids = layer_names(backbone), grid_layer_names(backbone)
+    expanded = [n for r in requested for n in {"all": pooled, "grids": grids}.get(r, [r])]
+    order = [name for pair in zip(pooled, grids, strict=True) for name in pair]
+    unknown = [r for r in expanded if r not in order]
+    if unknown or not expanded:
         raise ValueError(
-            f"unknown layer {unknown[0] if unknown else ''!r}; choose from {names} or 'all'"
+            f"unknown layer {unknown[0] if unknown else ''!r}; choose from {pooled}, {grids}, "
+            "'all' or 'grids'"
         )
-    return [n for n in names if n in requested]
+    return [n for n in order if n in expanded]
 
 
 class StageTaps(nn.Module):
-    """Backbone -> pooled taps concatenated: images [B, 3, H, W] -> [B, sum_i C_i] for the chosen
-    taps, in network order (split back with ``dims``)."""
+    """Backbone -> taps concatenated: images [B, 3, H, W] -> [B, sum_i D_i] for the chosen taps,
+    in network order (split back with ``dims``, known after the first forward: a grid tap's
+    size depends on the input size)."""
 
     def __init__(self, backbone: Backbone, layers: Sequence[str]) -> None:
         super().__init__()
         self.backbone = backbone
-        names = layer_names(backbone)
-        self.keep = [names.index(name) for name in layers]  # stage indices, network order
-        self.dims = [backbone.stage_dims[i] for i in self.keep]
+        pooled, grids = layer_names(backbone), grid_layer_names(backbone)
+        self.layers = resolve_layers(backbone, layers)
+        # (stage index, grid?) per tap
+        self.keep = [(pooled.index(n), False) if n in pooled else (grids.index(n), True)
+                     for n in self.layers]  # fmt: skip
+        self.dims: list[int] = []
 
     def forward(self, x: Tensor) -> Tensor:
-        taps = self.backbone.forward_stages(x)  # S tensors [B, C_i]
-        return torch.cat([taps[i] for i in self.keep], dim=1)
+        maps = self.backbone.forward_maps(x)  # S maps [B, C_i, H_i, W_i]
+        taps = []
+        for stage, grid in self.keep:
+            fmap = maps[stage]
+            if grid:
+                side = grid_side(*fmap.shape[1:])
+                taps.append(F.adaptive_avg_pool2d(fmap, side).flatten(1))  # [B, C_i * side^2]
+            else:
+                taps.append(fmap.mean(dim=(2, 3)))  # [B, C_i]
+        self.dims = [t.shape[1] for t in taps]
+        return torch.cat(taps, dim=1)
 
 
 def extract_layers(
@@ -114,14 +151,15 @@ def extract_layers(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
 ) -> dict[str, Tensor]:
-    """{layer: float32 [N, C_layer]} for images uint8 [N, C, H, W], from ONE forward per batch.
+    """{layer: float32 [N, D_layer]} for images uint8 [N, C, H, W], from ONE forward per batch.
 
     "pre_logits" equals ``extract_features(backbone, ...)``; "stage{i}" is the global average
-    of stage i's output (Kolesnikov et al., 2019 probe "after each block").
+    of stage i's output (Kolesnikov et al., 2019 probe "after each block"); "stage{i}_grid" is
+    stage i's map average-pooled to a grid of at most ~9k values (Goyal et al., 2019).
     """
-    taps = StageTaps(backbone, resolve_layers(backbone, layers))
+    taps = StageTaps(backbone, layers)
     taps.train(backbone.training)  # extract_features gives the backbone back in this mode
-    names = [layer_names(backbone)[i] for i in taps.keep]
+    names = taps.layers
     joined = extract_features(
         taps, images, transform=transform, batch_size=batch_size, device=device, precision=precision
     )  # [N, sum C_i]

@@ -89,10 +89,17 @@ def run_probes(
 
 
 def headline_index(rows: Sequence[dict[str, Any]]) -> int:
-    """The row a one-number summary quotes: the pre-logits (else the last layer), first k."""
+    """The row a one-number summary quotes: the pre-logits when probed; else, over several
+    layers, the one that scored best on the held-out split of TRAIN (Goyal et al., 2019 report
+    each method's best layer; here the test set plays no part in the choice); else the last
+    layer. First k for k-NN rows."""
     layers = [r["layer"] for r in rows]
-    layer = PRE_LOGITS if PRE_LOGITS in layers else layers[-1]
-    return layers.index(layer)
+    if PRE_LOGITS in layers:
+        return layers.index(PRE_LOGITS)
+    scored = [i for i, r in enumerate(rows) if r.get("val_top1") is not None]
+    if len(set(layers)) > 1 and len(scored) == len(rows):
+        return max(scored, key=lambda i: (rows[i]["val_top1"], -i))  # ties: the earlier layer
+    return layers.index(layers[-1])
 
 
 def result_document(
