@@ -2,8 +2,8 @@
 k-NN test accuracy of its features, next to the same backbone at random init and raw pixels, all
 in one run; with images/s and peak memory. Prints one table and writes one JSON file.
 
-    .venv/bin/python benchmarks/fmnist.py --budget 480                  # SwAV (what make demo runs)
-    .venv/bin/python benchmarks/fmnist.py --method all --budget 480     # every method, one table
+    .venv/bin/python benchmarks/fmnist.py --budget 540                  # SwAV (what make demo runs)
+    .venv/bin/python benchmarks/fmnist.py --method all --budget 540     # every method, one table
 """
 
 from __future__ import annotations
