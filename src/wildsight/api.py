@@ -61,6 +61,7 @@ from wildsight.eval.protocols import (
     run_probes,
 )
 from wildsight.eval.report import confusion_matrix
+from wildsight.fileio import write_atomically
 from wildsight.train import checkpoint
 from wildsight.train.trainer import TrainResult, pick_device, pretrain
 from wildsight.views import eval_view
@@ -326,11 +327,7 @@ def embed(run: str | Path, data: str, out: str | Path, *, device: str = "auto") 
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomically(path, json.dumps(data, indent=2) + "\n")
 
 
 # re-exported for `from wildsight.api import pretrain, TrainResult`

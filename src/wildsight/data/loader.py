@@ -20,9 +20,7 @@ per-slot position; the Loader's interface, skip accounting and Batch are the sam
 
 from __future__ import annotations
 
-import os
 import signal
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from wildsight.data.decode import Skip
 from wildsight.data.shards import ShardDataset
 from wildsight.data.sources import DataError, ImageDataset
 from wildsight.data.stream import DEFAULT_BLOCK_SIZE, ShardStream
+from wildsight.fileio import write_atomically
 
 MIN_ATTEMPTS_BEFORE_FAILING = 64
 
@@ -65,24 +64,8 @@ class SkipLog:
 
     def write(self, path: Path | str) -> None:
         """TSV `key<TAB>reason`, a line per key; temp file, fsync, rename: never half-written."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         lines = "".join(f"{_tsv(k)}\t{_tsv(r)}\n" for k, r in self.reasons.items())
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
-                f.write(lines)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(path, lines)
 
 
 def _tsv(text: str) -> str:

@@ -20,7 +20,6 @@ import json
 import multiprocessing
 import os
 import tarfile
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from wildsight.data.sources import (
     _merge_classes,
     open_source,
 )
+from wildsight.fileio import write_atomically
 
 REENCODE = ("none", "png", "jpeg")
 JPEG_QUALITY = 95
@@ -106,28 +106,6 @@ def _prepared(
             results = pool.map(_prepare_in_worker, chunk, chunksize=16)
             for (k, i, _, _), result in zip(chunk, results, strict=True):
                 yield k, i, result
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 class _ShardWriter:
@@ -238,5 +216,5 @@ def write_shards(
         "classes": classes,
         "shards": [{"name": n, "count": c, "bytes": b} for n, c, b in zip(names, counts, sizes, strict=True)],
     }  # fmt: skip
-    _write_atomically(out / INDEX_NAME, (json.dumps(index, indent=1) + "\n").encode())
+    write_atomically(out / INDEX_NAME, (json.dumps(index, indent=1) + "\n").encode())
     return PackResult(out, names, counts, total, skips.count)

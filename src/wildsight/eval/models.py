@@ -34,6 +34,7 @@ from wildsight import config as config_lib
 from wildsight.backbones import build_backbone
 from wildsight.data import Loader, open_dataset
 from wildsight.eval.finetune import Classifier, InputSpec
+from wildsight.fileio import write_atomically
 from wildsight.methods import build_method
 from wildsight.train import checkpoint
 
@@ -134,9 +135,7 @@ def save_classifier(out: str | Path, model: Classifier, meta: dict[str, Any]) ->
     os.replace(tmp, out / "model.safetensors")
     doc = {"format": FORMAT, "feature_dim": model.feature_dim, "num_classes": model.num_classes,
            **meta}  # fmt: skip
-    tmp = out / "classifier.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, out / "classifier.json")
+    write_atomically(out / "classifier.json", json.dumps(doc, indent=2) + "\n")
     return out
 
 

@@ -39,6 +39,8 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from wildsight.fileio import fsync_dir
+
 __all__ = [
     "CheckpointError",
     "flatten_state",
@@ -102,16 +104,16 @@ def save_checkpoint(
         n_bytes, crc = _crc32(tmp / TENSORS_FILE)
         record = {"format": FORMAT, "tensors": {"bytes": n_bytes, "crc32": crc}, "state": state}
         _write_bytes(tmp / STATE_FILE, json.dumps(record).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # same step saved again: keep the old one aside until done
             os.replace(final, aside)
             moved_aside = True
         os.replace(tmp, final)
         replaced = True
-        _fsync_dir(directory)
+        fsync_dir(directory)
         _write_latest(directory, name)
         latest_done = True
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except BaseException as err:
         if not latest_done:  # roll back: `latest` still names the previous checkpoint
             if replaced:
@@ -178,14 +180,6 @@ def _write_latest(directory: Path, name: str) -> None:
 
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
     finally:

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from wildsight.fileio import write_atomically
+
 __all__ = [
     "COLLAPSE_SIGNALS",
     "CollapseMonitor",
@@ -166,10 +168,7 @@ class NonFiniteGuard:
             "last_good_checkpoint": str(last_checkpoint) if last_checkpoint else None,
             "steps": self._streak,
         }
-        self.dump_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.dump_path.with_name(self.dump_path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(tmp, self.dump_path)
+        write_atomically(self.dump_path, json.dumps(record, indent=1) + "\n")
 
 
 class NormBuffers:

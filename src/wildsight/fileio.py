@@ -1,0 +1,43 @@
+"""Durable small-file writes shared by every module that must not leave a half-written file.
+
+``write_atomically`` writes to a temporary file in the destination's folder, fsyncs it, renames
+it over the destination and fsyncs the folder: a crash or a full disk leaves either the old
+file or the new one, never a mix, and no temporary file behind. Checkpoints (train/checkpoint.py)
+follow the same steps for whole directories.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Flush a folder's entries (a rename inside it) to disk."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: str | Path, data: bytes | str) -> Path:
+    """Replace `path` with `data` (str is written as UTF-8, undecodable file names kept as
+    surrogate escapes) in one rename; parent folders are created. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode("utf-8", errors="surrogateescape")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
