@@ -73,6 +73,41 @@ def test_finetune_beats_chance_and_changes_the_backbone() -> None:
     assert result.predictions is not None and len(result.predictions) == 60
 
 
+def test_the_classifier_sees_standardised_features_whatever_the_encoder_scale() -> None:
+    """The parameter-free BN under the head: an encoder whose features are 50x larger (the SwAV
+    demo model's pre-logits have ~25x the norm of a random init's) gives the same logits and the
+    same head gradients, so one LR fits both; in eval mode the norm is the running statistics."""
+    images, labels = brightness_task(8, seed=1)
+    x = SPEC.eval(images)
+    small = small_classifier(seed=3)
+    large = copy.deepcopy(small)
+    large.encoder = nn.Sequential(large.encoder, _Scale(50.0))
+    grads = []
+    for model in (small, large):
+        model.train()
+        logits = model(x)  # [24, 3]
+        nn.functional.cross_entropy(logits, labels).backward()
+        grads.append((logits.detach(), model.head.weight.grad.clone()))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-4, atol=1e-5)
+    small.eval()
+    with torch.no_grad():  # eval: (f - running_mean) / sqrt(running_var + eps), then the head
+        f = small.encoder(x)
+        expected = small.head(
+            (f - small.norm.running_mean) / (small.norm.running_var + 1e-5).sqrt()
+        )
+        torch.testing.assert_close(small(x), expected)
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
 def test_the_test_set_is_only_used_after_training() -> None:
     """Same seed, different test sets: bitwise the same trained weights (no test-set selection)."""
     train_x, train_y = brightness_task(8, seed=0)
