@@ -88,6 +88,7 @@ class _Decoded:
     skips: list[Skip]
     attempted: int
     end_position: int  # epoch position once this batch is consumed
+    by_source: dict[int, tuple[int, list[Skip]]] | None = None  # source -> (attempted, skips)
 
 
 class _Tasks(Dataset[_Decoded]):
@@ -104,8 +105,11 @@ class _Tasks(Dataset[_Decoded]):
         kept: list[torch.Tensor] = []
         kept_indices: list[int] = []
         skips: list[Skip] = []
-        for i in indices.tolist():
+        by_source: dict[int, tuple[int, list[Skip]]] = {}
+        for i, k in zip(indices.tolist(), self.dataset.source_ids(indices).tolist(), strict=True):
             item = self.dataset.load(i)
+            tried, failed = by_source.get(k, (0, []))
+            by_source[k] = (tried + 1, failed + [item] if isinstance(item, Skip) else failed)
             if isinstance(item, Skip):
                 skips.append(item)
             else:
@@ -114,7 +118,7 @@ class _Tasks(Dataset[_Decoded]):
         size = self.dataset.image_size
         images = torch.stack(kept) if kept else torch.empty(0, 3, size, size, dtype=torch.uint8)
         picked = torch.tensor(kept_indices, dtype=torch.int64)
-        return _Decoded(images, picked, skips, len(indices), end_position)
+        return _Decoded(images, picked, skips, len(indices), end_position, by_source)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -176,7 +180,9 @@ class Loader:
         self.skip_log = skip_log if skip_log is not None else SkipLog()
         self.epoch, self.position = 0, 0
         self.attempted, self.skipped = 0, 0  # cumulative, for the max_skip_fraction check
+        self.by_source: dict[int, list[int]] = {}  # source -> [attempted, skipped], cumulative
         self._first_skip: Skip | None = None
+        self._first_by_source: dict[int, Skip] = {}
         if self._stream is None:
             self._labels = dataset.labels()  # int64 [N]
 
@@ -211,6 +217,7 @@ class Loader:
             "world_size": self.world_size,
             "attempted": self.attempted,
             "skipped": self.skipped,
+            "by_source": {str(k): list(v) for k, v in self.by_source.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -238,6 +245,8 @@ class Loader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.attempted = int(state.get("attempted", 0))
         self.skipped = int(state.get("skipped", 0))
+        self.by_source = {int(k): [int(a), int(s)] for k, (a, s) in
+                          state.get("by_source", {}).items()}  # fmt: skip
 
     def _tasks(self) -> list[tuple[torch.Tensor, int]]:
         """This rank's remaining batches of the epoch: (indices int64 [b], position after it)."""
@@ -288,7 +297,7 @@ class Loader:
             return
         for decoded in self._decode(tasks):
             self.position = decoded.end_position
-            self._account(decoded.attempted, decoded.skips)
+            self._account(decoded.attempted, decoded.skips, decoded.by_source)
             if len(decoded.indices):
                 labels = self._labels[decoded.indices]
                 yield Batch(decoded.images, decoded.indices, labels)
@@ -303,21 +312,37 @@ class Loader:
             worker_init_fn=ignore_stop_signals,
         )  # fmt: skip
 
-    def _account(self, attempted: int, skips: list[Skip]) -> None:
-        """Log skips; fail once the skipped fraction is clearly too high to be noise."""
+    def _account(
+        self,
+        attempted: int,
+        skips: list[Skip],
+        by_source: dict[int, tuple[int, list[Skip]]] | None = None,
+    ) -> None:
+        """Log skips; fail once the skipped fraction is clearly too high to be noise, for the
+        whole dataset or for any one of its sources (a dead folder among good ones)."""
         self.attempted += attempted
         self.skipped += len(skips)
         for skip in skips:
             self.skip_log.add(skip.key, skip.reason)
             if self._first_skip is None:
                 self._first_skip = skip
+        self._check_skips(self.attempted, self.skipped, self.dataset.name, self._first_skip)
+        for k, (tried, failed) in (by_source or {}).items():
+            counts = self.by_source.setdefault(k, [0, 0])
+            counts[0] += tried
+            counts[1] += len(failed)
+            if failed:
+                first = self._first_by_source.setdefault(k, failed[0])
+                name = repr(self.dataset.sources[k].name)  # type: ignore[union-attr]
+                self._check_skips(*counts, name, first)
+
+    def _check_skips(self, attempted: int, skipped: int, name: str, first: Skip | None) -> None:
         if (
-            self.attempted >= MIN_ATTEMPTS_BEFORE_FAILING
-            and self.skipped > self.max_skip_fraction * self.attempted
+            attempted >= MIN_ATTEMPTS_BEFORE_FAILING
+            and skipped > self.max_skip_fraction * attempted
         ):
-            first = self._first_skip
             where = f" (first: {first.key}: {first.reason})" if first else ""
             raise DataError(
-                f"{self.skipped} of {self.attempted} images in {self.dataset.name} could not be "
-                f"decoded{where}; fix the source or raise max_skip_fraction"
+                f"{skipped} of {attempted} images in {name} could not be decoded{where}; fix the "
+                "source or raise max_skip_fraction"
             )

@@ -339,6 +339,10 @@ class ImageDataset:
         k = bisect.bisect_right(self._ends, i)
         return self.sources[k], i - (self._ends[k - 1] if k > 0 else 0)
 
+    def source_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        """int64 [B]: which of `sources` each dataset index [B] comes from."""
+        return torch.bucketize(indices, torch.tensor(self._ends), right=True)
+
     def key(self, i: int) -> str:
         """The item's name for logs: its path, or `<idx file>#<row>`."""
         source, local = self._locate(i)
@@ -358,8 +362,7 @@ class ImageDataset:
             raise DataError(f"{self.name} is not in memory; load its images one by one")
         if len(self.sources) == 1:
             return self.sources[0].gather(indices, self.image_size)  # type: ignore[union-attr]
-        ends = torch.tensor(self._ends)
-        which = torch.bucketize(indices, ends, right=True)  # [B] source of each index
+        which = self.source_ids(indices)  # [B]
         out = torch.empty(len(indices), 3, self.image_size, self.image_size, dtype=torch.uint8)
         for k in which.unique().tolist():
             mask = which == k

@@ -194,6 +194,32 @@ def test_too_many_skips_fail_loudly(tmp_path):
     assert sorted(indices(survivors)) == list(range(10))
 
 
+def test_a_dead_source_among_good_ones_fails_by_its_own_fraction(tmp_path):
+    """200 good images in one folder and 70 of 80 broken in another: 26% of the whole is broken
+    (under max_skip_fraction 0.5), 88% of the second folder is; the error names that folder,
+    also after a resume, since the per-source counts are in the loader state."""
+    file_dataset(tmp_path / "good", 200)
+    file_dataset(tmp_path / "dead", 80, bad=tuple(range(10, 80)))
+    ds = open_dataset([str(tmp_path / "good"), str(tmp_path / "dead")], image_size=4)
+    with pytest.raises(DataError) as info:
+        list(Loader(ds, batch_size=8, seed=0))
+    text = str(info.value)
+    assert f"in {str(tmp_path / 'dead')!r} could not be decoded (first: " in text
+    assert "of 2" not in text and "\n" not in text  # counts are the dead folder's, not all 280
+    skipped, attempted = (int(w) for w in text.split(" images")[0].split(" of "))
+    assert skipped > 0.5 * attempted and attempted >= 64
+    resumed = Loader(ds, batch_size=8, seed=0)
+    first = Loader(ds, batch_size=8, seed=0, max_skip_fraction=1.0)
+    take(first, 15)  # 120 of 280 images; the other 160 hold < 64 of the dead folder's 80
+    assert first.by_source[0][1] == 0 and first.by_source[1][1] == first.skipped > 0
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.by_source == first.by_source
+    with pytest.raises(DataError, match="dead"):
+        list(resumed)
+    whole = Loader(ds, batch_size=8, seed=0, max_skip_fraction=0.9)  # 88% < 90%: trains
+    assert len(indices(list(whole))) + whole.skipped == 280 - 280 % 8
+
+
 def test_skip_log_writes_each_key_once_atomically(tmp_path):
     log = SkipLog()
     log.add("a.jpg", "truncated")
