@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
 import resource
+import shutil
 import struct
+import tempfile
 import zlib
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,13 +260,35 @@ def test_read_file_reports_missing_directory_and_broken_symlink(tmp_path):
     assert isinstance(big, Skip) and big.reason.startswith("file too large")
 
 
-def test_read_file_reports_permission_denied(tmp_path):
-    locked = tmp_path / "locked.jpg"
+def test_read_file_reports_permission_denied() -> None:
+    """A file without read permission. Root reads every file, so as root the read is made with
+    the effective user and group of `nobody` (seteuid; restored after): the same EACCES a user
+    gets. The folder is world-searchable, so only the file's own mode can refuse."""
+    folder = Path(tempfile.mkdtemp(prefix="wildsight-perm-"))
+    folder.chmod(0o711)
+    locked = folder / "locked.jpg"
     locked.write_bytes(b"x")
     locked.chmod(0)
     try:
-        if os.access(locked, os.R_OK):
-            pytest.skip("this user (root) reads files whatever their permissions")
-        assert read_file(str(locked)) == Skip(str(locked), "permission denied")
+        with _unprivileged():
+            assert not os.access(locked, os.R_OK, effective_ids=True)
+            assert read_file(str(locked)) == Skip(str(locked), "permission denied")
+            assert os.stat(locked).st_size == 1  # the file itself is visible: only reading fails
     finally:
         locked.chmod(0o644)
+        shutil.rmtree(folder)
+
+
+@contextlib.contextmanager
+def _unprivileged(uid: int = 65534, gid: int = 65534) -> Iterator[None]:
+    """As root: run the block with the effective ids of `nobody`; otherwise as is."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(gid)
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
