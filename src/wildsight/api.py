@@ -25,7 +25,7 @@ from wildsight.config import Config
 from wildsight.data import Loader, PackResult, open_dataset, write_shards
 from wildsight.eval.distill import DEFAULT_DISTILL, DistillConfig
 from wildsight.eval.distill import distill as distill_classifier
-from wildsight.eval.features import PRE_LOGITS, extract_layers, resolve_layers
+from wildsight.eval.features import PRE_LOGITS, extract_features, extract_layers, resolve_layers
 from wildsight.eval.finetune import (
     DEFAULT_FINETUNE,
     Classifier,
@@ -311,12 +311,24 @@ def report(run: str | Path) -> Path:
     return write_report(run)
 
 
-def embed(run: str | Path, data: str, out: str | Path, *, device: str = "auto") -> tuple[int, int]:
-    """Writes the features of every image of `data` to a float32 .npy file [N, D]."""
+def embed(
+    run: str | Path, data: str, out: str | Path, *, device: str = "auto",
+    keep_head_layers: int | None = None,
+) -> tuple[int, int]:  # fmt: skip
+    """Writes the features of every image of `data` to a float32 .npy file [N, D]: the backbone's
+    pre-logits, or (SimCLR v2's exported encoder) the output of the first `keep_head_layers`
+    projection-head layers on top; None = the run's own `method.keep_head_layers`."""
     encoder = load_encoder(run)
-    feats, _ = source_features(
-        encoder, data, image_size=encoder.config.data.image_size, device=device
-    )
+    k = head_layers_to_keep(encoder.config, keep_head_layers)
+    if k == 0:
+        feats, _ = source_features(
+            encoder, data, image_size=encoder.config.data.image_size, device=device
+        )
+    else:
+        module = build_encoder(encoder.config, encoder.backbone, k, pretrained_state(run)).eval()
+        images = _all_images(open_dataset([data], encoder.config.data.image_size))[0]
+        feats = extract_features(module, images, transform=encoder.transform,
+                                 device=pick_device(device))  # fmt: skip
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

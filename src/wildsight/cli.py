@@ -131,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--data", required=True)
     em.add_argument("--out", required=True)
     em.add_argument("--device", default="auto")
+    em.add_argument("--keep-head-layers", type=int,
+                    help="simclr: embed with the first N head layers (default: the run's own)")  # fmt: skip
 
     rp = sub.add_parser("report", help="(re)build RUN_DIR/report.html from RUN_DIR/eval/*.json")
     rp.add_argument("run_dir")
@@ -234,7 +236,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "report":
         print(f"report: {api.report(args.run_dir)}")
     elif args.command == "embed":
-        n, d = api.embed(args.checkpoint, args.data, args.out, device=args.device)
+        n, d = api.embed(args.checkpoint, args.data, args.out, device=args.device,
+                         keep_head_layers=args.keep_head_layers)  # fmt: skip
         print(f"wrote {n} x {d} features to {args.out}")
     elif args.command == "models":
         from wildsight.backbones import describe_backbones

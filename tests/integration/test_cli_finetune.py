@@ -88,3 +88,34 @@ def test_bad_values_are_one_line_errors(run: tuple[Path, Path], capsys, extra: l
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and message in err
+
+
+def test_embed_exports_the_simclr_v2_encoder_with_its_first_head_layer(tmp_path: Path) -> None:
+    """A SimCLR run with keep_head_layers=1: `embed` writes ReLU(BN(W h)) of the pretrained
+    head's first layer (h = the backbone's pre-logits, embedded alone with --keep-head-layers 0)."""
+    import numpy as np
+    import torch
+
+    from tests.conftest import write_images
+    from wildsight.eval.models import pretrained_state
+
+    folder = tmp_path / "images"
+    write_images(folder, 16)
+    out = tmp_path / "simclr"
+    args = ["pretrain", "--data", str(folder), "--image-size", "16", "--method", "simclr",
+            "--backbone", "regnetx_200mf", "--batch-size", "8", "--workers", "0", "--out", str(out),
+            "--no-progress", "--steps", "2", "--set", "method.hidden_dim=24",
+            "--set", "method.out_dim=8", "--set", "method.keep_head_layers=1"]  # fmt: skip
+    assert main(args) == 0
+    for k, name in ((None, "kept.npy"), (0, "backbone.npy")):
+        extra = [] if k is None else ["--keep-head-layers", str(k)]
+        assert main(["embed", "--checkpoint", str(out), "--data", str(folder),
+                     "--out", str(tmp_path / name), *extra]) == 0  # fmt: skip
+    kept, h = (torch.from_numpy(np.load(tmp_path / n)) for n in ("kept.npy", "backbone.npy"))
+    assert kept.shape == (16, 24) and h.shape == (16, 368)
+    state = pretrained_state(out)
+    w = state["projector.0.weight"]  # [24, 368], no bias: BN follows
+    mean, var = state["projector.1.running_mean"], state["projector.1.running_var"]
+    gamma, beta = state["projector.1.weight"], state["projector.1.bias"]
+    expected = torch.relu((h @ w.T - mean) / torch.sqrt(var + 1e-5) * gamma + beta)
+    torch.testing.assert_close(kept, expected, rtol=1e-4, atol=1e-4)
