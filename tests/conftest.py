@@ -62,3 +62,11 @@ def tiny_tree(data: Path | str, out: Path, **train) -> dict:
         "train": {"out": str(out), "steps": 6, "batch_size": 8, "checkpoint_every_steps": 3,
                   "progress": False, "log_every_steps": 1, **train},
     }  # fmt: skip
+
+
+def tiny_cli_args(data: Path | str, out: Path, steps: int = 2) -> list[str]:
+    """`wildsight pretrain` flags for the same tiny SwAV run as tiny_tree, from the command line."""
+    return ["pretrain", "--data", str(data), "--image-size", "16", "--backbone", "regnetx_200mf",
+            "--batch-size", "8", "--workers", "0", "--out", str(out), "--no-progress",
+            "--steps", str(steps), "--set", "method.num_prototypes=10",
+            "--set", "method.hidden_dims=[32]", "--set", "method.out_dim=16"]  # fmt: skip

@@ -4,15 +4,13 @@ import json
 
 import numpy as np
 
+from tests.conftest import tiny_cli_args
 from wildsight.cli import main
 
 
 def test_pretrain_eval_embed_from_the_command_line(image_folder, tmp_path, capsys):
     run = tmp_path / "run"
-    common = ["--data", str(image_folder), "--image-size", "16", "--backbone", "regnetx_200mf",
-              "--batch-size", "8", "--workers", "0", "--out", str(run), "--no-progress"]  # fmt: skip
-    assert main(["pretrain", *common, "--steps", "2", "--set", "method.num_prototypes=10",
-                 "--set", "method.hidden_dims=[32]", "--set", "method.out_dim=16"]) == 0  # fmt: skip
+    assert main(tiny_cli_args(image_folder, run, steps=2)) == 0
     assert "done: 2 steps" in capsys.readouterr().out
     for protocol in ("linear", "knn"):
         out = tmp_path / f"{protocol}.json"

@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import re
 
+from tests.conftest import tiny_cli_args
 from wildsight.cli import main
 
 
 def test_every_probe_and_the_report_from_the_command_line(image_folder, tmp_path, capsys):
     run = tmp_path / "run"
-    common = ["--data", str(image_folder), "--image-size", "16", "--backbone", "regnetx_200mf",
-              "--batch-size", "8", "--workers", "0", "--out", str(run), "--no-progress"]  # fmt: skip
-    assert main(["pretrain", *common, "--steps", "2", "--set", "method.num_prototypes=10",
-                 "--set", "method.hidden_dims=[32]", "--set", "method.out_dim=16"]) == 0  # fmt: skip
+    assert main(tiny_cli_args(image_folder, run, steps=2)) == 0
     data = ["--checkpoint", str(run), "--train", str(image_folder), "--test", str(image_folder)]
 
     def evaluate(name: str, *args: str) -> dict:
@@ -65,10 +63,7 @@ def test_every_probe_and_the_report_from_the_command_line(image_folder, tmp_path
 
 def test_bad_eval_options_are_one_line_errors(image_folder, tmp_path, capsys):
     run = tmp_path / "run"
-    common = ["--data", str(image_folder), "--image-size", "16", "--backbone", "regnetx_200mf",
-              "--batch-size", "8", "--workers", "0", "--out", str(run), "--no-progress"]  # fmt: skip
-    assert main(["pretrain", *common, "--steps", "1", "--set", "method.num_prototypes=10",
-                 "--set", "method.hidden_dims=[32]", "--set", "method.out_dim=16"]) == 0  # fmt: skip
+    assert main(tiny_cli_args(image_folder, run, steps=1)) == 0
     capsys.readouterr()
     args = ["eval", "linear", "--checkpoint", str(run), "--train", str(image_folder),
             "--test", str(image_folder), "--layers", "stage7"]  # fmt: skip

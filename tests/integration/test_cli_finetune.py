@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import tiny_cli_args, write_images
 from wildsight.cli import main
 
 TINY = ["--steps", "2", "--batch-size", "8", "--precision", "fp32"]
@@ -15,16 +16,11 @@ TINY = ["--steps", "2", "--batch-size", "8", "--precision", "fp32"]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A 2-step SwAV run on 48 images of 2 classes (16 px), and that folder."""
-    from tests.conftest import write_images
-
     root = tmp_path_factory.mktemp("ft")
     folder = root / "images"
     write_images(folder, 48)
     out = root / "run"
-    args = ["pretrain", "--data", str(folder), "--image-size", "16", "--backbone", "regnetx_200mf",
-            "--batch-size", "8", "--workers", "0", "--out", str(out), "--no-progress", "--steps", "2",
-            "--set", "method.num_prototypes=10", "--set", "method.hidden_dims=[32]",
-            "--set", "method.out_dim=16"]  # fmt: skip
+    args = tiny_cli_args(folder, out, steps=2)
     assert main(args) == 0
     return out, folder
 
