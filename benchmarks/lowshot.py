@@ -1,15 +1,15 @@
 """Label efficiency of a pretrained run: low-shot fine-tuning (pretrained vs random init, the same
-class-balanced subsets, several seeds), then SimCLR v2's distillation of the 10%-label teacher on
-the unlabelled training images. Prints one table, writes one JSON file and the accuracy-vs-label-
-fraction picture (SVG) the README shows.
+class-balanced subsets, several seeds), then SimCLR v2's distillation of a teacher fine-tuned on each
+label fraction on the unlabelled training images. Prints one table, writes the JSON documents and
+the accuracy-vs-label-fraction picture (SVG) the README shows.
 
-    .venv/bin/python benchmarks/lowshot.py --checkpoint runs/demo          # ~45 min on 2 cores
+    .venv/bin/python benchmarks/lowshot.py --checkpoint runs/demo          # ~90 min on one core
     .venv/bin/python benchmarks/lowshot.py --from runs/lowshot             # table + SVG again
 
-The three steps are the CLI's, so a user reproduces any one of them alone:
+The steps are the CLI's, so a user reproduces any one of them alone:
     wildsight eval lowshot --checkpoint RUN --train fmnist:train --test fmnist:test --seeds 3
-    wildsight eval finetune --checkpoint RUN ... --fraction 0.1 --seed 0 --save OUT/teacher
-    wildsight distill --teacher OUT/teacher --unlabelled fmnist:train --test fmnist:test
+    wildsight eval finetune --checkpoint RUN ... --fraction 0.1 --seed 0 --save OUT/teacher_0.1
+    wildsight distill --teacher OUT/teacher_0.1 --unlabelled fmnist:train --test fmnist:test
 """
 
 from __future__ import annotations
@@ -24,35 +24,63 @@ from wildsight.eval import format_table
 from wildsight.eval.svg import plot_label_fraction
 from wildsight.fileio import write_atomically
 
-STEPS = ("lowshot", "teacher", "distill")
+STUDENT = "distilled student (teacher seed 0)"
 
 
-def run(args: argparse.Namespace, out: Path) -> dict[str, dict]:
-    docs = {"lowshot": api.eval_lowshot(args.checkpoint, args.train, args.test,
-                                        fractions=args.fractions, seeds=args.seeds,
-                                        json_path=out / "lowshot.json")}  # fmt: skip
-    docs["teacher"] = api.eval_finetune(
-        args.checkpoint, args.train, args.test, fraction=args.teacher_fraction, seed=0,
-        json_path=out / "teacher.json", save_dir=out / "teacher",
-    )  # fmt: skip
-    docs["distill"] = api.distill(out / "teacher", args.train, args.test,
-                                  json_path=out / "distill.json")  # fmt: skip
+def run(args: argparse.Namespace, out: Path) -> dict:
+    docs: dict = {"lowshot": api.eval_lowshot(args.checkpoint, args.train, args.test,
+                                              fractions=args.fractions, seeds=args.seeds,
+                                              json_path=out / "lowshot.json"),
+                  "distill": []}  # fmt: skip
+    for fraction in args.teacher_fractions:
+        teacher_dir = out / f"teacher_{fraction:g}"
+        teacher = api.eval_finetune(
+            args.checkpoint, args.train, args.test, fraction=fraction, seed=0,
+            json_path=out / f"teacher_{fraction:g}.json", save_dir=teacher_dir,
+        )  # fmt: skip
+        student = api.distill(teacher_dir, args.train, args.test,
+                              json_path=out / f"distill_{fraction:g}.json")  # fmt: skip
+        docs["distill"].append({"fraction": fraction, "teacher": teacher, "student": student})
     return docs
 
 
-def table(docs: dict[str, dict]) -> str:
-    rows = [{"model": r["model"], "labels": f"{r['fraction']:g} ({r['num_labels']:,})",
-             "seeds": r["seeds"], "mean_top1": r["mean"], "std_top1": r["std"]}
-            for r in docs["lowshot"]["rows"]]  # fmt: skip
-    d = docs["distill"]
-    fraction = docs["teacher"]["labels"]["fraction"]
-    rows += [{"model": "teacher (fine-tuned, seed 0)", "labels": f"{fraction:g}", "seeds": 1,
-              "mean_top1": d["teacher_top1"]},
-             {"model": "student (distilled, no labels)", "labels": "0", "seeds": 1,
-              "mean_top1": d["top1"]}]  # fmt: skip
+def load(out: Path) -> dict:
+    """The documents of an earlier run in OUT (lowshot.json, teacher_F.json, distill_F.json)."""
+    if not (out / "lowshot.json").is_file():
+        raise SystemExit(f"{out} has no lowshot.json; run without --from")
+    docs: dict = {"lowshot": json.loads((out / "lowshot.json").read_text()), "distill": []}
+    for path in sorted(out.glob("distill_*.json"), key=lambda q: float(q.stem.split("_", 1)[1])):
+        fraction = path.stem.split("_", 1)[1]
+        teacher = out / f"teacher_{fraction}.json"
+        if not teacher.is_file():
+            raise SystemExit(f"{path} has no {teacher.name} beside it; run without --from")
+        docs["distill"].append({"fraction": float(fraction),
+                                "teacher": json.loads(teacher.read_text()),
+                                "student": json.loads(path.read_text())})  # fmt: skip
+    return docs
+
+
+def rows(docs: dict) -> list[dict]:
+    """One row per (model, fraction): the low-shot means, then each teacher and its student."""
+    out = [{"model": r["model"], "fraction": r["fraction"], "num_labels": r["num_labels"],
+            "seeds": r["seeds"], "mean": r["mean"], "std": r["std"]}
+           for r in docs["lowshot"]["rows"]]  # fmt: skip
+    for d in docs["distill"]:
+        n = d["teacher"]["labels"]["num_labels"]
+        s = d["student"]
+        out += [{"model": "teacher (fine-tuned, seed 0)", "fraction": d["fraction"], "num_labels": n,
+                 "seeds": 1, "mean": s["teacher_top1"], "std": 0.0},
+                {"model": STUDENT, "fraction": d["fraction"], "num_labels": n, "seeds": 1,
+                 "mean": s["top1"], "std": 0.0, "agreement": s.get("agreement")}]  # fmt: skip
+    return out
+
+
+def table(docs: dict) -> str:
+    shown = [{**r, "labels": f"{r['fraction']:g} ({r['num_labels']:,})", "mean_top1": r["mean"],
+              **({"std_top1": r["std"]} if r["seeds"] > 1 else {})} for r in rows(docs)]  # fmt: skip
     title = (f"{docs['lowshot']['checkpoint']} (step {docs['lowshot']['checkpoint_step']}): "
              f"{docs['lowshot']['train']} -> {docs['lowshot']['test']}")  # fmt: skip
-    return format_table(rows, ["model", "labels", "seeds", "mean_top1", "std_top1"], title=title)
+    return format_table(shown, ["model", "labels", "seeds", "mean_top1", "std_top1"], title=title)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,24 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test", default="fmnist:test")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1])
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--teacher-fraction", type=float, default=0.1)
+    p.add_argument("--teacher-fractions", type=float, nargs="*", default=[0.01, 0.1],
+                   help="label fractions of the teachers distilled (seed 0 subsets)")
     p.add_argument("--out", default="runs/lowshot", help="folder of the JSON files and teacher")
     p.add_argument("--from", dest="from_dir", help="only rebuild the table and SVG from a folder")
     p.add_argument("--svg", default=None, help="default: OUT/lowshot.svg")
     p.add_argument("--json", default=None, help="the three documents in one file; default: none")
     args = p.parse_args(argv)
     out = Path(args.from_dir or args.out)
-    if args.from_dir:
-        missing = [s for s in STEPS if not (out / f"{s}.json").is_file()]
-        if missing:
-            p.error(f"{out} lacks {', '.join(f'{s}.json' for s in missing)}; run without --from")
-        docs = {s: json.loads((out / f"{s}.json").read_text()) for s in STEPS}
-    else:
-        docs = run(args, out)
+    docs = load(out) if args.from_dir else run(args, out)
     print(table(docs))
     svg = Path(args.svg or out / "lowshot.svg")
-    write_atomically(svg, plot_label_fraction(docs["lowshot"]["rows"]))
-    print(f"wrote {svg} and {out}/{{{','.join(STEPS)}}}.json")
+    picture = [r for r in rows(docs) if not r["model"].startswith("teacher")]  # = seed 0's run
+    write_atomically(svg, plot_label_fraction(picture))
+    print(f"wrote {svg} and the JSON documents in {out}")
     if args.json:
         write_atomically(args.json, json.dumps(docs, indent=1) + "\n")
         print(f"wrote {args.json}")

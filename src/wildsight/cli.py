@@ -107,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seeds", type=int, default=3, help="lowshot: seeds 0 .. N-1 per fraction")
     ev.add_argument("--probe", action="store_true", help="lowshot: linear probe, not fine-tuning")
     ev.add_argument("--keep-head-layers", type=int, help="simclr: fine-tune from head layer N")
-    _finetune_flags(ev, default_steps=1000)
+    _finetune_flags(ev, default_steps=2000)
 
     di = sub.add_parser("distill", help="SimCLR v2 step 3: a fine-tuned teacher -> a student")
     di.add_argument("--teacher", required=True, help="folder of `eval finetune --save DIR`")
