@@ -8,6 +8,7 @@ follow the same steps for whole directories.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -41,3 +42,8 @@ def write_atomically(path: str | Path, data: bytes | str) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def write_json(path: str | Path, data: object) -> Path:
+    """`data` as indented JSON, written atomically (see write_atomically)."""
+    return write_atomically(path, json.dumps(data, indent=2) + "\n")

@@ -1,5 +1,7 @@
-"""Models and data for fine-tuning, from run directories and sources; fine-tuned models on disk.
+"""Models and data for evaluation, from run directories and sources; fine-tuned models on disk.
 
+* ``load_encoder(run)``: a run's backbone (latest checkpoint, or random init) with the input
+  transform it was trained for (``Encoder``);
 * ``load_images(source)``: a whole labelled source in memory (uint8), its class names;
 * ``build_encoder(cfg, backbone, keep_head_layers, state)``: the module to fine-tune, the
   backbone or (SimCLR v2, "fine-tune from a middle layer of the projection head") backbone + the
@@ -31,14 +33,73 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from wildsight import config as config_lib
-from wildsight.backbones import build_backbone
+from wildsight.backbones import Backbone, build_backbone
+from wildsight.config import Config
 from wildsight.data import Loader, open_dataset
 from wildsight.eval.finetune import Classifier, InputSpec
 from wildsight.fileio import write_atomically
 from wildsight.methods import build_method
 from wildsight.train import checkpoint
+from wildsight.views import eval_view
 
 FORMAT = "wildsight-classifier/1"
+
+
+@dataclass
+class Encoder:
+    """A backbone with the input transform it was trained for."""
+
+    backbone: Backbone
+    config: Config
+    step: int  # training step of the weights; -1 = random init
+    run_dir: Path | None
+
+    @property
+    def input_size(self) -> int:
+        assert self.config.views is not None
+        return self.config.views.groups[0].size
+
+    def transform(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,3,H,W] -> normalised float [B,3,s,s] at the size of the global crops."""
+        assert self.config.views is not None
+        aug = self.config.views.groups[0].augment
+        view = eval_view(images, self.input_size, mean=aug.mean, std=aug.std)
+        return view.contiguous(memory_format=self.memory_format)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return (
+            torch.channels_last if self.config.backbone.channels_last else torch.contiguous_format
+        )
+
+
+def load_encoder(run: str | Path, *, random_init: bool = False, seed: int = 0) -> Encoder:
+    """The backbone of a run directory (its latest checkpoint), built from the run's own config.
+
+    Weights are read from safetensors only and loaded with strict=True; `random_init=True` gives
+    the same architecture with freshly initialised weights (the reference row of every table).
+    """
+    run_dir = Path(run)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise config_lib.ConfigError(
+            f"{str(run)!r} is not a wildsight run directory (no config.yaml); pass the --out of a pretrain run"
+        )
+    cfg = config_lib.load(config_lib.read_yaml(cfg_path))
+    torch.manual_seed(seed)
+    backbone = build_backbone(cfg.backbone.name, small_input=bool(cfg.backbone.small_input))
+    step = -1
+    if not random_init:
+        tensors, state = checkpoint.load_checkpoint(run_dir / "checkpoints")
+        model = checkpoint.unflatten_state(tensors, state["tensor_meta"])["model"]
+        prefix = "backbone."
+        weights = {k[len(prefix) :]: v for k, v in model.items() if k.startswith(prefix)}
+        backbone.load_state_dict(weights, strict=True)
+        step = int(state["train"]["step"])
+    backbone.eval()
+    if cfg.backbone.channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    return Encoder(backbone=backbone, config=cfg, step=step, run_dir=run_dir)
 
 
 @dataclass(frozen=True)

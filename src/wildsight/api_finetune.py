@@ -1,0 +1,240 @@
+"""The typed API of the label-efficiency protocols (SEER's fine-tuning, low-shot, SimCLR v2's
+distillation); `wildsight.api` re-exports every public name, so callers use `api.eval_finetune`.
+
+doc = api.eval_lowshot("runs/demo", "fmnist:train", "fmnist:test", fractions=(0.01, 0.1), seeds=3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from wildsight import config as config_lib
+from wildsight.backbones import build_backbone
+from wildsight.eval.distill import DEFAULT_DISTILL, DistillConfig
+from wildsight.eval.distill import distill as distill_classifier
+from wildsight.eval.finetune import (
+    DEFAULT_FINETUNE,
+    Classifier,
+    FinetuneConfig,
+    InputSpec,
+    feature_dim,
+    finetune,
+)
+from wildsight.eval.html import save_result
+from wildsight.eval.lowshot import (
+    check_fraction,
+    check_plan,
+    check_seed,
+    class_balanced_subset,
+    run_lowshot,
+    summarize,
+)
+from wildsight.eval.models import (
+    Encoder,
+    LabelledImages,
+    align_labels,
+    build_encoder,
+    head_layers_to_keep,
+    load_classifier,
+    load_encoder,
+    load_images,
+    pretrained_state,
+    save_classifier,
+)
+from wildsight.eval.report import confusion_matrix
+from wildsight.fileio import write_json
+
+__all__ = ["distill", "eval_finetune", "eval_lowshot", "finetune_classifier"]
+
+
+def finetune_classifier(
+    encoder: Encoder, num_classes: int, *, keep_head_layers: int | None = None
+) -> tuple[Classifier, InputSpec, int]:
+    """A new linear classifier on a run's encoder: the backbone, or backbone + the first
+    `keep_head_layers` SimCLR v2 projection-head layers (None = the run's own setting).
+    Returns (model, its input, the number of head layers kept)."""
+    k = head_layers_to_keep(encoder.config, keep_head_layers)
+    state = (
+        pretrained_state(encoder.run_dir) if k and encoder.step >= 0 and encoder.run_dir else None
+    )
+    module = build_encoder(encoder.config, encoder.backbone, k, state)
+    inputs = InputSpec.from_config(encoder.config)
+    return Classifier(module, feature_dim(module, inputs), num_classes), inputs, k
+
+
+def _labelled_sets(
+    train: str, test: str, size: int
+) -> tuple[LabelledImages, LabelledImages, torch.Tensor]:
+    train_set, test_set = load_images(train, size), load_images(test, size)
+    return train_set, test_set, align_labels(train_set.classes, test_set, reference=repr(train))
+
+
+def _class_names(classes: list[str] | None, num_classes: int) -> list[str]:
+    return list(classes) if classes else [str(c) for c in range(num_classes)]
+
+
+def eval_finetune(
+    run: str | Path, train: str, test: str, *, fraction: float | None = None, seed: int = 0,
+    random_init: bool = False, keep_head_layers: int | None = None,
+    config: FinetuneConfig = DEFAULT_FINETUNE, json_path: str | Path | None = None,
+    save_dir: str | Path | None = None, name: str | None = None,
+) -> dict:  # fmt: skip
+    """Fine-tune the whole network of a run on the labels of `train` (all of them, or the
+    class-balanced `fraction` fixed by `seed`) and report the test accuracy once. The document is
+    saved as RUN_DIR/eval/<name>.json (report rebuilt), the model in `save_dir` (a teacher for
+    `distill`)."""
+    started = time.perf_counter()
+    check_seed(seed)
+    if fraction is not None:
+        check_fraction(fraction)
+    encoder = load_encoder(run, random_init=random_init, seed=seed)
+    train_set, test_set, test_y = _labelled_sets(train, test, encoder.config.data.image_size)
+    idx = (torch.arange(len(train_set.labels)) if fraction is None
+           else class_balanced_subset(train_set.labels, fraction, seed))  # fmt: skip
+    model, inputs, k = finetune_classifier(
+        encoder, train_set.num_classes, keep_head_layers=keep_head_layers
+    )
+    result = finetune(model, train_set.images[idx], train_set.labels[idx], test_set.images, test_y,
+                      inputs=inputs, cfg=dataclasses.replace(config, seed=seed))  # fmt: skip
+    features = "random init" if random_init else "pretrained"
+    labels = {"source": train, "fraction": fraction, "seed": seed, "num_labels": len(idx)}
+    meta = {"checkpoint": str(run), "checkpoint_step": encoder.step, "random_init": random_init,
+            "keep_head_layers": k, "labels": labels}  # fmt: skip
+    classes = _class_names(train_set.classes, train_set.num_classes)
+    assert result.predictions is not None
+    doc = {"protocol": "finetune", **meta, "train": train, "test": test,
+           "rows": [{"features": features, "fraction": fraction, "seed": seed, **result.to_dict()}],
+           "top1": result.top1,
+           "confusion": {"labels": classes, "of": f"fine-tuned, {features}", "counts": confusion_matrix(
+               test_y, result.predictions, range(len(classes)))},
+           "elapsed_s": time.perf_counter() - started}  # fmt: skip
+    if name is None:
+        name = (
+            "finetune"
+            + (f"-{fraction:g}" if fraction else "")
+            + ("-random-init" if random_init else "")
+        )
+    save_result(run, name, doc)
+    if json_path is not None:
+        write_json(json_path, doc)
+    if save_dir is not None:
+        save_classifier(save_dir, model, {**meta, "run": str(run), "classes": classes,
+                                          "config": config_lib.to_dict(encoder.config),
+                                          "result": result.to_dict()})  # fmt: skip
+    return doc
+
+
+def eval_lowshot(
+    run: str | Path, train: str, test: str, *, fractions: Sequence[float] = (0.01, 0.1),
+    seeds: int = 3, protocol: str = "finetune", keep_head_layers: int | None = None,
+    config: FinetuneConfig = DEFAULT_FINETUNE, json_path: str | Path | None = None,
+    name: str = "lowshot",
+) -> dict:  # fmt: skip
+    """Low-shot table: for each fraction and seed 0 .. seeds-1, the same class-balanced subset
+    for the pretrained model and for the same backbone at random init, fine-tuned (or probed,
+    protocol="linear"); rows = mean and std over seeds per (model, fraction), runs = every run.
+    Saved as RUN_DIR/eval/<name>.json; the report draws accuracy vs label fraction."""
+    started = time.perf_counter()
+    check_plan(fractions, seeds)
+    encoder = load_encoder(run)
+    train_set, test_set, test_y = _labelled_sets(train, test, encoder.config.data.image_size)
+    k = head_layers_to_keep(encoder.config, keep_head_layers)
+
+    def make(model: str, seed: int) -> Classifier:
+        fresh = load_encoder(run, random_init=model == "random init", seed=seed)
+        return finetune_classifier(fresh, train_set.num_classes, keep_head_layers=k)[0]
+
+    runs = run_lowshot(make, InputSpec.from_config(encoder.config), train_set, test_set.images,
+                       test_y, fractions=fractions, seeds=seeds, protocol=protocol, cfg=config)  # fmt: skip
+    doc = {"protocol": "lowshot", "evaluation": protocol, "checkpoint": str(run),
+           "checkpoint_step": encoder.step, "train": train, "test": test,
+           "fractions": list(fractions), "seeds": seeds, "keep_head_layers": k,
+           "finetune": dataclasses.asdict(config) if protocol == "finetune" else None,
+           "rows": summarize(runs), "runs": [r.to_dict() for r in runs],
+           "elapsed_s": time.perf_counter() - started}  # fmt: skip
+    save_result(run, name, doc)
+    if json_path is not None:
+        write_json(json_path, doc)
+    return doc
+
+
+def distill(
+    teacher: str | Path, unlabelled: str, test: str, *, student_checkpoint: str | Path | None = None,
+    student_backbone: str | None = None, train: str | None = None,
+    config: DistillConfig = DEFAULT_DISTILL, json_path: str | Path | None = None,
+    save_dir: str | Path | None = None,
+) -> dict:  # fmt: skip
+    """SimCLR v2 step 3: the fine-tuned `teacher` (a folder from `eval_finetune(save_dir=...)`)
+    labels the `unlabelled` images with P^T(y|x; T); a student learns them. The student is, by
+    default, a new classifier on the teacher's own pretrained run (self-distillation); else on
+    `student_checkpoint` (another run, e.g. a smaller pretrained model) or a random-init
+    `student_backbone`. config.alpha < 1 mixes in the teacher's labelled subset (or `train`)."""
+    started = time.perf_counter()
+    if student_checkpoint is not None and student_backbone is not None:
+        raise ValueError("give --student-checkpoint or --student-backbone, not both")
+    teacher_model, teacher_inputs, meta = load_classifier(teacher)
+    t_cfg = config_lib.load(meta["config"])
+    size, classes = t_cfg.data.image_size, meta.get("classes")
+    images = load_images(unlabelled, size, labelled=False).images
+    test_y_set = load_images(test, size)
+    test_y = align_labels(classes, test_y_set, reference=f"the teacher's classes ({teacher})")
+    labelled = None
+    if config.alpha < 1.0:
+        was = meta.get("labels") or {}
+        source = train or was.get("source")
+        if source is None:
+            raise ValueError("distillation alpha < 1 needs labelled images: pass --train SOURCE")
+        lab = load_images(source, size)
+        lab_y = align_labels(classes, lab, reference=f"the teacher's classes ({teacher})")
+        same = source == was.get("source") and was.get("fraction") is not None
+        idx = (
+            class_balanced_subset(lab_y, was["fraction"], was["seed"])
+            if same
+            else torch.arange(len(lab_y))
+        )
+        labelled = (lab.images[idx], lab_y[idx])
+    num_classes = teacher_model.num_classes
+    if student_backbone is not None:
+        torch.manual_seed(config.train.seed)
+        s_cfg = dataclasses.replace(
+            t_cfg, backbone=dataclasses.replace(t_cfg.backbone, name=student_backbone)
+        )
+        backbone = build_backbone(student_backbone, small_input=bool(t_cfg.backbone.small_input))
+        if s_cfg.backbone.channels_last:
+            backbone.to(memory_format=torch.channels_last)
+        s_inputs, k, s_run = InputSpec.from_config(s_cfg), 0, None
+        student = Classifier(backbone, feature_dim(backbone, s_inputs), num_classes)
+    else:
+        s_run = student_checkpoint or meta.get("run")
+        if not s_run or not (Path(s_run) / "config.yaml").is_file():
+            raise FileNotFoundError(
+                f"the student starts from the teacher's pretrain run {s_run!r}, which is not there; "
+                "pass --student-checkpoint RUN or --student-backbone NAME"
+            )
+        s_encoder = load_encoder(s_run, seed=config.train.seed)
+        own = None if student_checkpoint is not None else int(meta["keep_head_layers"])
+        student, s_inputs, k = finetune_classifier(s_encoder, num_classes, keep_head_layers=own)
+        s_cfg = s_encoder.config
+    result = distill_classifier(teacher_model, student, images, test_y_set.images, test_y,
+                                inputs=s_inputs, teacher_inputs=teacher_inputs, labelled=labelled,
+                                cfg=config)  # fmt: skip
+    student_name = student_backbone or str(s_run)
+    doc = {"protocol": "distill", "teacher": str(teacher), "student": student_name,
+           "unlabelled": unlabelled, "test": test, "train": meta.get("labels", {}).get("source"),
+           "rows": [{"model": "teacher", "features": meta.get("checkpoint"), "top1": result.teacher_top1},
+                    {"model": "student", "features": student_name, "top1": result.top1}],
+           **result.to_dict(), "elapsed_s": time.perf_counter() - started}  # fmt: skip
+    if meta.get("run") and Path(meta["run"]).is_dir():
+        save_result(meta["run"], "distill", doc)
+    if json_path is not None:
+        write_json(json_path, doc)
+    if save_dir is not None:
+        save_classifier(save_dir, student, {"run": str(s_run) if s_run else None, "classes": classes,
+                                            "config": config_lib.to_dict(s_cfg), "keep_head_layers": k,
+                                            "teacher": str(teacher), "result": result.to_dict()})  # fmt: skip
+    return doc
