@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -22,6 +23,9 @@ import yaml
 
 from wildsight.methods import MethodConfig, method_config_class
 from wildsight.views import AugmentSpec, CropGroup, ViewSpec
+
+# a YAML 1.2 float such as 1e-5 or 3E4, which PyYAML (YAML 1.1) leaves as a string
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
 
 
 class ConfigError(ValueError):
@@ -171,6 +175,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             _fail(path, f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML reads `1e-5` (YAML 1.1: no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, f"expected a number, got {value!r}")
         return float(value)

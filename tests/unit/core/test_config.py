@@ -3,6 +3,7 @@
 from importlib import resources
 
 import pytest
+import yaml
 
 from wildsight import config
 from wildsight.cli import main
@@ -100,3 +101,17 @@ def test_cli_bad_values_are_one_line_errors_with_exit_code_2(capsys, tmp_path):
     assert err.count("\n") == 0 and "nowhere" in err
     assert main(["pretrain", "--recipe", "fmnist_dem"]) == 2
     assert "did you mean 'fmnist_demo'" in capsys.readouterr().err
+
+
+def test_exponent_floats_without_a_dot_are_numbers_in_yaml_files_and_overrides(tmp_path):
+    # PyYAML follows YAML 1.1, where `1e-5` (no dot) is the string "1e-5"; users write it anyway
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  weight_decay: 1e-5\n  lr: 3E-1\n")
+    tree = config.read_yaml(path)
+    tree = config.set_path(tree, "optim.final_lr", yaml.safe_load("2.5e-4"))  # as --set does
+    cfg = config.load(tree)
+    assert cfg.optim.weight_decay == 0.00001 and cfg.optim.lr == 0.3
+    assert cfg.optim.final_lr == 0.00025
+    for text in ("1e-5x", "e5", "fast", ""):
+        with pytest.raises(config.ConfigError, match=r"optim\.weight_decay: expected a number"):
+            config.load({"optim": {"weight_decay": text}})
