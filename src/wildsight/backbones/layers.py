@@ -21,13 +21,36 @@ from torch.utils.checkpoint import checkpoint
 from wildsight.backbones.complexity import Complexity, count_flops, count_params
 
 
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, same state_dict) that sidesteps a CPU bf16 kernel fault.
+
+    Under CPU bf16 autocast (torch 2.13, oneDNN on AMX / AVX512-BF16), the weight gradient of a
+    strided k > 1 convolution whose input is 1 pixel high or wide comes back as garbage (values
+    of 1e35, inf or NaN, varying from call to call): tests/unit/backbones/test_layers.py. Such
+    inputs occur with tiny crops (8 px local crops of 28 px images, jigsaw tiles) in the last
+    stage. Those calls run in float32, the rest as usual.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            x.device.type == "cpu"
+            and min(x.shape[-2:]) == 1
+            and max(self.stride) > 1
+            and max(self.kernel_size) > 1
+            and torch.is_autocast_enabled("cpu")
+        ):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
 def conv2d(
     w_in: int, w_out: int, k: int, *, stride: int = 1, groups: int = 1, bias: bool = False
 ) -> nn.Conv2d:
     """k x k convolution with 'same' padding (odd k only), as pycls builds every conv."""
     if k % 2 != 1:
         raise ValueError(f"only odd kernel sizes keep the padding symmetric, got k={k}")
-    return nn.Conv2d(w_in, w_out, k, stride=stride, padding=(k - 1) // 2, groups=groups, bias=bias)
+    return Conv2d(w_in, w_out, k, stride=stride, padding=(k - 1) // 2, groups=groups, bias=bias)
 
 
 def norm2d(w: int) -> nn.BatchNorm2d:

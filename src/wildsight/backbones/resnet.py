@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from wildsight.backbones.complexity import Complexity, Cx
-from wildsight.backbones.layers import Backbone, conv2d, init_weights, norm2d, zero_init_final_bn
+from wildsight.backbones.layers import (
+    Backbone,
+    Conv2d,
+    conv2d,
+    init_weights,
+    norm2d,
+    zero_init_final_bn,
+)
 
 # depth -> (block kind, blocks per stage)
 LAYOUTS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
@@ -210,7 +217,7 @@ class ResNet(Backbone):
         self.conv1 = (
             conv2d(3, w_stem, 3, stride=1)
             if small
-            else nn.Conv2d(3, w_stem, 7, stride=2, padding=3, bias=False)
+            else Conv2d(3, w_stem, 7, stride=2, padding=3, bias=False)
         )
         self.bn1 = norm2d(w_stem) if v1 else nn.Identity()
         self.relu = nn.ReLU(inplace=True) if v1 else nn.Identity()

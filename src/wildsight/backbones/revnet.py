@@ -32,7 +32,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wildsight.backbones.complexity import Complexity, Cx
-from wildsight.backbones.layers import Backbone, _bn_stats_on_copies, conv2d, init_weights, norm2d
+from wildsight.backbones.layers import (
+    Backbone,
+    Conv2d,
+    _bn_stats_on_copies,
+    conv2d,
+    init_weights,
+    norm2d,
+)
 from wildsight.backbones.resnet import LAYOUTS
 
 
@@ -255,7 +262,7 @@ class RevNet(Backbone):
         self.reversible = reversible
         small = stem == "small"
         self.conv1 = (
-            conv2d(3, w1, 3) if small else nn.Conv2d(3, w1, 7, stride=2, padding=3, bias=False)
+            conv2d(3, w1, 3) if small else Conv2d(3, w1, 7, stride=2, padding=3, bias=False)
         )
         self.maxpool = nn.Identity() if small else nn.MaxPool2d(3, stride=2, padding=1)
         for i, (w, depth) in enumerate(zip(widths, blocks, strict=True)):
