@@ -90,8 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test", default="fmnist:test")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1])
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--teacher-fractions", type=float, nargs="*", default=[0.01, 0.1],
-                   help="label fractions of the teachers distilled (seed 0 subsets)")
+    p.add_argument(
+        "--teacher-fractions",
+        type=float,
+        nargs="*",
+        default=[0.01, 0.1],
+        help="label fractions of the teachers distilled (seed 0 subsets)",
+    )
     p.add_argument("--out", default="runs/lowshot", help="folder of the JSON files and teacher")
     p.add_argument("--from", dest="from_dir", help="only rebuild the table and SVG from a folder")
     p.add_argument("--svg", default=None, help="default: OUT/lowshot.svg")
