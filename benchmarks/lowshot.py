@@ -3,7 +3,7 @@ class-balanced subsets, several seeds), then SimCLR v2's distillation of a teach
 label fraction on the unlabelled training images. Prints one table, writes the JSON documents and
 the accuracy-vs-label-fraction picture (SVG) the README shows.
 
-    .venv/bin/python benchmarks/lowshot.py --checkpoint runs/demo          # ~90 min on one core
+    .venv/bin/python benchmarks/lowshot.py --checkpoint runs/demo          # ~75 min, one thread
     .venv/bin/python benchmarks/lowshot.py --from runs/lowshot             # table + SVG again
 
 The steps are the CLI's, so a user reproduces any one of them alone:
