@@ -22,7 +22,7 @@ from pathlib import Path
 from wildsight import api
 from wildsight.eval import format_table
 from wildsight.eval.svg import plot_label_fraction
-from wildsight.fileio import write_atomically
+from wildsight.fileio import write_atomically, write_json
 
 STUDENT = "distilled student (teacher seed 0)"
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     write_atomically(svg, plot_label_fraction(picture))
     print(f"wrote {svg} and the JSON documents in {out}")
     if args.json:
-        write_atomically(args.json, json.dumps(docs, indent=1) + "\n")
+        write_json(args.json, docs)
         print(f"wrote {args.json}")
     return 0
 

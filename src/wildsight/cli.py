@@ -33,6 +33,9 @@ STOP_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + signal number, as a s
 
 
 def _parser() -> argparse.ArgumentParser:
+    from wildsight.eval.distill import DEFAULT_DISTILL
+    from wildsight.eval.finetune import DEFAULT_FINETUNE
+
     p = argparse.ArgumentParser(
         prog="wildsight", description="Self-supervised visual features from unlabelled images."
     )
@@ -107,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seeds", type=int, default=3, help="lowshot: seeds 0 .. N-1 per fraction")
     ev.add_argument("--probe", action="store_true", help="lowshot: linear probe, not fine-tuning")
     ev.add_argument("--keep-head-layers", type=int, help="simclr: fine-tune from head layer N")
-    _finetune_flags(ev, default_steps=2000)
+    _finetune_flags(ev, default_steps=DEFAULT_FINETUNE.steps)
 
     di = sub.add_parser("distill", help="SimCLR v2 step 3: a fine-tuned teacher -> a student")
     di.add_argument("--teacher", required=True, help="folder of `eval finetune --save DIR`")
@@ -124,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     di.add_argument("--train", help="labelled source for alpha < 1 (default: the teacher's)")
     di.add_argument("--json", help="write the result to this JSON file")
     di.add_argument("--device", default="auto")
-    _finetune_flags(di, default_steps=1500)
+    _finetune_flags(di, default_steps=DEFAULT_DISTILL.train.steps)
 
     em = sub.add_parser("embed", help="write features of images to a .npy file")
     em.add_argument("--checkpoint", required=True)
@@ -261,7 +264,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finetune_flags(p: argparse.ArgumentParser, *, default_steps: int) -> None:
+def _finetune_flags(p: argparse.ArgumentParser, *, default_steps: int | None) -> None:
     """Flags of the fine-tuning optimisation (eval finetune | lowshot, distill); None = default."""
     p.add_argument("--steps", type=int, help=f"optimizer steps (default {default_steps})")
     p.add_argument(

@@ -26,7 +26,7 @@ class Conv2d(nn.Conv2d):
 
     Under CPU bf16 autocast (torch 2.13, oneDNN on AMX / AVX512-BF16), the weight gradient of a
     strided k > 1 convolution whose input is 1 pixel high or wide comes back as garbage (values
-    of 1e35, inf or NaN, varying from call to call): tests/unit/backbones/test_layers.py. Such
+    of 1e35, inf or NaN, varying from call to call): tests/unit/backbones/test_conv_bf16.py. Such
     inputs occur with tiny crops (8 px local crops of 28 px images, jigsaw tiles) in the last
     stage. Those calls run in float32, the rest as usual.
     """

@@ -37,7 +37,7 @@ from wildsight.backbones import Backbone, build_backbone
 from wildsight.config import Config
 from wildsight.data import Loader, open_dataset
 from wildsight.eval.finetune import Classifier, InputSpec
-from wildsight.fileio import write_atomically
+from wildsight.fileio import write_json
 from wildsight.methods import build_method
 from wildsight.train import checkpoint
 from wildsight.views import eval_view
@@ -196,7 +196,7 @@ def save_classifier(out: str | Path, model: Classifier, meta: dict[str, Any]) ->
     os.replace(tmp, out / "model.safetensors")
     doc = {"format": FORMAT, "feature_dim": model.feature_dim, "num_classes": model.num_classes,
            **meta}  # fmt: skip
-    write_atomically(out / "classifier.json", json.dumps(doc, indent=2) + "\n")
+    write_json(out / "classifier.json", doc)
     return out
 
 
