@@ -6,6 +6,11 @@ the accuracy-vs-label-fraction picture (SVG) the README shows.
     .venv/bin/python benchmarks/lowshot.py --checkpoint runs/demo          # ~75 min, one thread
     .venv/bin/python benchmarks/lowshot.py --from runs/lowshot             # table + SVG again
 
+One fraction per process splits it over cores (or machines); --from merges the folders:
+    taskset -c 0 ... lowshot.py --fractions 0.01 --teacher-fractions 0.01 --out runs/ls_1
+    taskset -c 1 ... lowshot.py --fractions 0.1 --teacher-fractions 0.1 --out runs/ls_10
+    .venv/bin/python benchmarks/lowshot.py --from runs/ls_1 runs/ls_10 --svg ... --json ...
+
 The steps are the CLI's, so a user reproduces any one of them alone:
     wildsight eval lowshot --checkpoint RUN --train fmnist:train --test fmnist:test --seeds 3
     wildsight eval finetune --checkpoint RUN ... --fraction 0.1 --seed 0 --save OUT/teacher_0.1
@@ -60,6 +65,32 @@ def load(out: Path) -> dict:
     return docs
 
 
+SAME = ("checkpoint", "checkpoint_step", "train", "test", "evaluation", "keep_head_layers",
+        "finetune")  # fmt: skip
+
+
+def merge(parts: list[dict]) -> dict:
+    """The documents of several folders (each run on its own fractions) as one run's: the same
+    checkpoint, sources and fine-tuning settings, each fraction measured once."""
+    first = parts[0]["lowshot"]
+    for part in parts[1:]:
+        differ = [k for k in SAME if part["lowshot"].get(k) != first.get(k)]
+        if differ:
+            raise SystemExit(f"--from folders differ in {differ}: merge runs of one protocol only")
+    fractions = [f for part in parts for f in part["lowshot"]["fractions"]]
+    teachers = [d["fraction"] for part in parts for d in part["distill"]]
+    for what, seen in (("fraction", fractions), ("teacher fraction", teachers)):
+        if len(set(seen)) != len(seen):
+            raise SystemExit(f"--from folders measure a {what} twice: {sorted(seen)}")
+    lowshot = {**first, "fractions": sorted(fractions),
+               "rows": sorted((r for part in parts for r in part["lowshot"]["rows"]),
+                              key=lambda r: (r["fraction"], r["model"] != "pretrained")),
+               "runs": [r for part in parts for r in part["lowshot"]["runs"]],
+               "elapsed_s": sum(part["lowshot"]["elapsed_s"] for part in parts)}  # fmt: skip
+    distill = sorted((d for part in parts for d in part["distill"]), key=lambda d: d["fraction"])
+    return {"lowshot": lowshot, "distill": distill}
+
+
 def rows(docs: dict) -> list[dict]:
     """One row per (model, fraction): the low-shot means, then each teacher and its student."""
     out = [{"model": r["model"], "fraction": r["fraction"], "num_labels": r["num_labels"],
@@ -98,12 +129,18 @@ def main(argv: list[str] | None = None) -> int:
         help="label fractions of the teachers distilled (seed 0 subsets)",
     )
     p.add_argument("--out", default="runs/lowshot", help="folder of the JSON files and teacher")
-    p.add_argument("--from", dest="from_dir", help="only rebuild the table and SVG from a folder")
+    p.add_argument(
+        "--from",
+        dest="from_dirs",
+        nargs="+",
+        metavar="DIR",
+        help="only rebuild the table and SVG from these folders (merged)",
+    )
     p.add_argument("--svg", default=None, help="default: OUT/lowshot.svg")
     p.add_argument("--json", default=None, help="the three documents in one file; default: none")
     args = p.parse_args(argv)
-    out = Path(args.from_dir or args.out)
-    docs = load(out) if args.from_dir else run(args, out)
+    out = Path(args.from_dirs[0] if args.from_dirs else args.out)
+    docs = merge([load(Path(d)) for d in args.from_dirs]) if args.from_dirs else run(args, out)
     print(table(docs))
     svg = Path(args.svg or out / "lowshot.svg")
     picture = [r for r in rows(docs) if not r["model"].startswith("teacher")]  # = seed 0's run

@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seeds", type=int, default=3, help="lowshot: seeds 0 .. N-1 per fraction")
     ev.add_argument("--probe", action="store_true", help="lowshot: linear probe, not fine-tuning")
     ev.add_argument("--keep-head-layers", type=int, help="simclr: fine-tune from head layer N")
-    _finetune_flags(ev, default_steps=DEFAULT_FINETUNE.steps)
+    _finetune_flags(ev, DEFAULT_FINETUNE)
 
     di = sub.add_parser("distill", help="SimCLR v2 step 3: a fine-tuned teacher -> a student")
     di.add_argument("--teacher", required=True, help="folder of `eval finetune --save DIR`")
@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     di.add_argument("--train", help="labelled source for alpha < 1 (default: the teacher's)")
     di.add_argument("--json", help="write the result to this JSON file")
     di.add_argument("--device", default="auto")
-    _finetune_flags(di, default_steps=DEFAULT_DISTILL.train.steps)
+    _finetune_flags(di, DEFAULT_DISTILL.train)
 
     em = sub.add_parser("embed", help="write features of images to a .npy file")
     em.add_argument("--checkpoint", required=True)
@@ -264,23 +264,30 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finetune_flags(p: argparse.ArgumentParser, *, default_steps: int | None) -> None:
-    """Flags of the fine-tuning optimisation (eval finetune | lowshot, distill); None = default."""
-    p.add_argument("--steps", type=int, help=f"optimizer steps (default {default_steps})")
+def _finetune_flags(p: argparse.ArgumentParser, defaults: FinetuneConfig) -> None:
+    """Flags of the fine-tuning optimisation (eval finetune | lowshot, distill); None = the
+    value in `defaults`, which the help shows."""
+    p.add_argument("--steps", type=int, help=f"optimizer steps (default {defaults.steps})")
     p.add_argument(
         "--epochs", type=float, help="passes over the training images (wins over --steps)"
     )
-    p.add_argument("--batch-size", type=int, help="images per step (default 64)")
-    p.add_argument("--lr", type=float, help="SGD LR per 256 images (default 0.1), /10 at 30/35")
-    p.add_argument("--weight-decay", type=float, help="default 1e-4 (SEER)")
+    p.add_argument(
+        "--batch-size", type=int, help=f"images per step (default {defaults.batch_size})"
+    )
+    decay = ", ".join(f"{f:.3g}" for f in defaults.lr_decay_at)
+    p.add_argument("--lr", type=float, help=f"SGD LR per 256 images (default {defaults.lr:g}), "
+                   f"x{defaults.lr_decay_factor:g} at {decay} of the steps")  # fmt: skip
+    p.add_argument("--weight-decay", type=float, help=f"default {defaults.weight_decay:g} (SEER)")
+    p.add_argument("--warmup", type=float, metavar="FRACTION", help="linear LR warm-up over this "
+                   f"share of the steps (default {defaults.warmup_fraction:g})")  # fmt: skip
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="default auto")
     p.add_argument("--save", metavar="DIR", help="write the trained classifier to DIR")
 
 
 def _finetune_config(args: argparse.Namespace, base: FinetuneConfig) -> FinetuneConfig:
     flags = {"steps": args.steps, "epochs": args.epochs, "batch_size": args.batch_size,
-             "lr": args.lr, "weight_decay": args.weight_decay, "precision": args.precision,
-             "device": args.device}  # fmt: skip
+             "lr": args.lr, "weight_decay": args.weight_decay, "warmup_fraction": args.warmup,
+             "precision": args.precision, "device": args.device}  # fmt: skip
     return dataclasses.replace(base, **{k: v for k, v in flags.items() if v is not None})
 
 

@@ -30,8 +30,9 @@ from wildsight.eval.finetune import (
 from wildsight.losses.distill import distill_objective
 from wildsight.train.trainer import pick_device, view_generator
 
-# 1,500 steps of 64 = 96,000 images, 1.6 passes over Fashion-MNIST's 60,000 training images
-DISTILL_TRAINING = FinetuneConfig(steps=1500)
+# 1,500 steps of 64 = 96,000 images, 1.6 passes over Fashion-MNIST's 60,000 training images, at
+# the LR measured for distillation (0.1 per 256, no warm-up), whatever fine-tuning's defaults
+DISTILL_TRAINING = FinetuneConfig(steps=1500, lr=0.1, warmup_fraction=0.0)
 
 
 @dataclass(frozen=True)

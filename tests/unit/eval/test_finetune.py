@@ -139,6 +139,23 @@ def test_step_decay_is_seer_schedule() -> None:
     assert two == [1.0] * 5 + [0.5] * 3 + [0.25] * 2
 
 
+def test_lr_warms_up_linearly_then_follows_the_step_decay() -> None:
+    """lr_at = linear ramp (step + 1) / W over W = warmup_fraction * T steps, times SEER's decay,
+    times batch / 256; no warm-up = step_decay exactly."""
+    cfg = FinetuneConfig(steps=20, batch_size=64, lr=0.4, warmup_fraction=0.2,
+                         lr_decay_at=(0.5,), lr_decay_factor=0.1)  # fmt: skip
+    base = 0.4 * 64 / 256
+    got = [cfg.lr_at(s, 20) for s in range(20)]
+    want = [base * min(1.0, (s + 1) / 4) * (0.1 if s >= 10 else 1.0) for s in range(20)]
+    assert got == pytest.approx(want)
+    assert got[3] == pytest.approx(base) and got[0] == pytest.approx(base / 4)
+    flat = FinetuneConfig(steps=35, batch_size=256, lr=0.0125, warmup_fraction=0.0)
+    assert [flat.lr_at(s, 35) for s in range(35)] == [
+        step_decay(s, base=0.0125, total_steps=35, milestones=(30 / 35,), factor=0.1)
+        for s in range(35)
+    ]
+
+
 def test_batches_cover_each_epoch_without_repeats() -> None:
     n, b = 50, 8  # 6 batches per epoch, 2 images left out of each epoch
     for epoch in range(3):
@@ -168,6 +185,7 @@ def test_epochs_budget_counts_whole_batches() -> None:
         ({"precision": "fp16"}, "precision"),
         ({"lr_decay_at": (1.2,)}, "lr_decay_at"),
         ({"flip_p": 2.0}, "flip_p"),
+        ({"warmup_fraction": 1.0}, "warmup_fraction"),
     ],  # fmt: skip
 )
 def test_bad_config_values_are_one_line_errors(kwargs: dict, match: str) -> None:
