@@ -60,3 +60,26 @@ def test_trainer_gives_byol_the_run_length_for_its_tau_schedule(image_folder, tm
     taus = [row["tau"] for row in rows]  # one row per step: log_every_steps = 1
     expected = [1 - 0.004 * (math.cos(math.pi * k / 6) + 1) / 2 for k in range(6)]
     assert taus == pytest.approx(expected, abs=1e-12)
+
+
+def test_byol_predictor_lr_scale_multiplies_only_the_predictors_update(image_folder, tmp_path):
+    # one plain SGD step (no momentum, no weight decay, constant LR): every parameter moves by
+    # -lr * scale * grad, and step 0's gradient is the same in every run (same seed, same views)
+    finals = {}
+    for scale in (1.0, 4.0, 7.0):
+        tree = _tree("byol", image_folder, tmp_path / f"s{scale}")
+        tree["method"] = tree["method"] | {"predictor_lr_scale": scale}
+        tree["optim"] = {"name": "sgd", "lr": 0.2, "warmup_steps": 0, "momentum": 0.0,
+                         "weight_decay": 0.0, "schedule": "constant"}  # fmt: skip
+        tree["train"] = tree["train"] | {"steps": 1, "precision": "fp32"}
+        api.pretrain(config.load(tree))
+        finals[scale] = _final_model(tmp_path / f"s{scale}")
+    a, b, c = finals[1.0], finals[4.0], finals[7.0]
+    predictor = [k for k in a if k.startswith("predictor.") and a[k].is_floating_point()]
+    assert predictor and any(not torch.equal(a[k], b[k]) for k in predictor)
+    moved = max((b[k] - a[k]).abs().max().item() for k in predictor)
+    assert moved > 1e-3  # 3 * lr * |g|: far above the fp32 rounding of the parameters (~1e-7)
+    for key in predictor:  # p_s = p_0 - s * lr * g: equal steps between s = 1, 4, 7
+        torch.testing.assert_close(b[key] - a[key], c[key] - b[key], rtol=1e-4, atol=1e-6)
+    for key in (k for k in a if k.startswith(("backbone.", "projector."))):
+        assert torch.equal(a[key], b[key]), key  # the encoder and projector: the scheduled LR

@@ -58,6 +58,11 @@ class Method(nn.Module):
         """Parameters whose gradient the trainer drops at this step (SwAV: prototypes, epoch 1)."""
         return ()
 
+    def lr_scales(self) -> dict[str, float]:
+        """Submodule name -> multiplier of the scheduled LR for its parameters (BYOL: a faster
+        predictor). Read once, when the optimiser is built."""
+        return {}
+
     def after_step(self, step: int, output: StepOutput) -> None:
         """Called after the optimizer step (e.g. queue update, EMA update)."""
 

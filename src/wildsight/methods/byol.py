@@ -35,6 +35,7 @@ class BYOLConfig:
     out_dim: int = 256
     predictor_hidden_dim: int = 4096
     tau_base: float = 0.996
+    predictor_lr_scale: float = 1.0  # the predictor's LR / the scheduled LR (1 in the paper)
 
     def __post_init__(self) -> None:
         if min(self.hidden_dim, self.out_dim, self.predictor_hidden_dim) < 1:
@@ -44,6 +45,10 @@ class BYOLConfig:
             )
         if not 0.0 <= self.tau_base <= 1.0:
             raise ValueError(f"method.tau_base must be in [0, 1], got {self.tau_base}")
+        if not self.predictor_lr_scale > 0:
+            raise ValueError(
+                f"method.predictor_lr_scale must be > 0, got {self.predictor_lr_scale}"
+            )
 
 
 class BYOL(Method):
@@ -66,6 +71,12 @@ class BYOL(Method):
         if self.total_steps is None:
             return self.cfg.tau_base
         return cosine_ramp(step, total_steps=self.total_steps, start=self.cfg.tau_base, end=1.0)
+
+    def lr_scales(self) -> dict[str, float]:
+        """A predictor that learns faster than the encoder (DirectPred, Tian et al. 2021: the
+        predictor should track the encoder's feature correlations), when predictor_lr_scale > 1."""
+        scale = self.cfg.predictor_lr_scale
+        return {} if scale == 1.0 else {"predictor": scale}
 
     def forward(self, views: Sequence[Tensor], step: int) -> StepOutput:
         z = self.projector(torch.cat(multicrop_features(self.backbone, views)))  # [2B, out_dim]

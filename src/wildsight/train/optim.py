@@ -6,7 +6,7 @@ parameters excluded from weight decay and from the LARS scaling), weight decay 1
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -109,7 +109,11 @@ class LARS(torch.optim.Optimizer):
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, *, exclude_bias_and_norm: bool = True
+    model: nn.Module,
+    weight_decay: float,
+    *,
+    exclude_bias_and_norm: bool = True,
+    lr_scales: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Split ``model``'s trainable parameters into a decayed group and a bias/norm group.
 
@@ -118,19 +122,45 @@ def param_groups(
     get ``weight_decay`` and the LARS trust ratio. With ``exclude_bias_and_norm=False`` there
     is a single group. Parameters with ``requires_grad=False`` (e.g. a BYOL target network)
     are left out; shared parameters appear once. Empty groups are dropped. Each group has a
-    ``"name"`` ("decay" or "no_decay") for logging.
+    ``"name"`` ("decay" or "no_decay") for logging and an ``"lr_scale"`` (1.0): the trainer
+    sets each group's LR to the scheduled LR times its scale.
+
+    ``lr_scales`` maps a submodule name of ``model`` (e.g. ``"predictor"``) to the LR multiplier
+    of its parameters: they get groups of their own, named "decay@predictor" etc. A name that
+    is not a submodule of ``model``, or a scale that is not > 0, is a ValueError.
     """
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for _, p in model.named_parameters():
+    scales = dict(lr_scales or {})
+    modules = dict(model.named_modules())
+    for prefix, factor in scales.items():
+        if not prefix or prefix not in modules:
+            raise ValueError(f"lr_scales names {prefix!r}, which is not a submodule of the model")
+        if not factor > 0:
+            raise ValueError(f"lr_scales[{prefix!r}] must be > 0, got {factor}")
+
+    def owner(name: str) -> str:  # the longest scaled prefix a parameter lies under, or ""
+        hits = [k for k in scales if name == k or name.startswith(k + ".")]
+        return max(hits, key=len, default="")
+
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for prefix in ["", *scales]:
+        for decayed in (True, False):
+            buckets[(prefix, decayed)] = []
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if exclude_bias_and_norm and p.ndim <= 1 else decay).append(p)
-    groups: list[dict[str, Any]] = [
-        {"name": "decay", "params": decay, "weight_decay": weight_decay, "lars_exclude": False},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
-    ]
-    return [g for g in groups if g["params"]]
+        decayed = not (exclude_bias_and_norm and p.ndim <= 1)
+        buckets[(owner(name), decayed)].append(p)
+    groups: list[dict[str, Any]] = []
+    for (prefix, decayed), params in buckets.items():
+        if not params:
+            continue
+        base = "decay" if decayed else "no_decay"
+        groups.append({
+            "name": f"{base}@{prefix}" if prefix else base, "params": params,
+            "weight_decay": weight_decay if decayed else 0.0, "lars_exclude": not decayed,
+            "lr_scale": float(scales.get(prefix, 1.0)),
+        })  # fmt: skip
+    return groups
 
 
 def _lars(groups: Any, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:

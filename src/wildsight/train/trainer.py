@@ -76,7 +76,8 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
     # parallel: SyncBN groups, then DDP or FSDP; `model` runs the forward, `method` is saved
     model = parallel.wrap(method, t, device)
     scale = t.batch_size / o.lr_batch_reference  # linear LR scaling with the global batch
-    groups = param_groups(method, o.weight_decay, exclude_bias_and_norm=o.exclude_bias_and_norm)
+    groups = param_groups(method, o.weight_decay, exclude_bias_and_norm=o.exclude_bias_and_norm,
+                          lr_scales=method.lr_scales())  # fmt: skip
     for group in groups:
         group["trust_coefficient"] = o.trust_coefficient  # read by LARS only
     optimizer = build_optimizer(
@@ -195,8 +196,8 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
                 views = make_views(images, cfg.views, gen, rows=rows, num_rows=t.batch_size)
                 views = [v.contiguous(memory_format=memory_format) for v in views]
                 lr = learning_rate(step, last_loss)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                for group in optimizer.param_groups:  # lr_scale: a method's per-module factor
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
 
                 method.set_total_steps(state["total_steps"])  # run length, for BYOL's tau schedule
                 method.before_step(step)

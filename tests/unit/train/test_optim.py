@@ -156,6 +156,27 @@ def test_param_groups_single_group_and_frozen_params() -> None:
     assert [id(p) for p in group["params"]] == [id(p) for p in trainable]
 
 
+def test_param_groups_give_a_scaled_submodule_groups_of_its_own() -> None:
+    model = _conv_bn_linear()  # "7" is Linear(8, 16) with a bias, "9" the bias-free last layer
+    groups = param_groups(model, 1e-4, lr_scales={"7": 10.0, "9": 0.5})
+    by_name = {g["name"]: g for g in groups}
+    assert sorted(by_name) == ["decay", "decay@7", "decay@9", "no_decay", "no_decay@7"]
+    assert [id(p) for p in by_name["decay@7"]["params"]] == [id(model[7].weight)]
+    assert [id(p) for p in by_name["no_decay@7"]["params"]] == [id(model[7].bias)]
+    assert [id(p) for p in by_name["decay@9"]["params"]] == [id(model[9].weight)]
+    assert by_name["no_decay@7"]["weight_decay"] == 0.0
+    assert by_name["decay@7"]["weight_decay"] == 1e-4
+    scales = {name: g["lr_scale"] for name, g in by_name.items()}
+    assert scales == {"decay": 1.0, "no_decay": 1.0, "decay@7": 10.0, "no_decay@7": 10.0,
+                      "decay@9": 0.5}  # fmt: skip
+    every = [id(p) for g in groups for p in g["params"]]  # each parameter exactly once
+    assert sorted(every) == sorted(id(p) for p in model.parameters())
+    with pytest.raises(ValueError, match="'head', which is not a submodule"):
+        param_groups(model, 1e-4, lr_scales={"head": 2.0})
+    with pytest.raises(ValueError, match=r"lr_scales\['7'\] must be > 0"):
+        param_groups(model, 1e-4, lr_scales={"7": 0.0})
+
+
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_build_optimizer_steps(name: str) -> None:
     torch.manual_seed(0)
