@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from wildsight import api
 from wildsight import config as config_lib
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict = {}
     for item in args.set:
         key, _, raw = item.partition("=")
-        overrides = config_lib.set_path(overrides, key, yaml.safe_load(raw))
+        overrides = config_lib.set_path(overrides, key, config_lib.yaml12_value(raw))
 
     started = time.perf_counter()
     rows, runs = [], {}

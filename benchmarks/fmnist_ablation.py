@@ -16,8 +16,6 @@ import json
 import time
 from pathlib import Path
 
-import yaml
-
 from wildsight import api
 from wildsight import config as config_lib
 from wildsight.eval import knn_probe, linear_probe
@@ -49,7 +47,7 @@ def main() -> None:
             group.update(count=int(n), size=int(size), scale=[float(lo), float(hi)])
             tree["views"]["groups"].append(group)
         else:
-            tree = config_lib.set_path(tree, key, yaml.safe_load(raw))
+            tree = config_lib.set_path(tree, key, config_lib.yaml12_value(raw))
     started = time.time()
     result = api.pretrain(config_lib.load(tree))
     pretrain_s = time.time() - started

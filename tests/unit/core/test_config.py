@@ -115,3 +115,11 @@ def test_exponent_floats_without_a_dot_are_numbers_in_yaml_files_and_overrides(t
     for text in ("1e-5x", "e5", "fast", ""):
         with pytest.raises(config.ConfigError, match=r"optim\.weight_decay: expected a number"):
             config.load({"optim": {"weight_decay": text}})
+
+
+def test_override_values_read_as_yaml_1_2_numbers_where_yaml_1_1_leaves_strings():
+    assert yaml.safe_load("1e-3") == "1e-3"  # the PyYAML behaviour the helper exists for
+    assert config.yaml12_value("1e-3") == 0.001 and config.yaml12_value("-2E4") == -20000.0
+    assert config.yaml12_value("0.97") == 0.97 and config.yaml12_value("32") == 32
+    assert config.yaml12_value("[1, 2]") == [1, 2] and config.yaml12_value("true") is True
+    assert config.yaml12_value("fast") == "fast" and config.yaml12_value("1e-3x") == "1e-3x"
