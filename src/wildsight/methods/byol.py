@@ -74,7 +74,7 @@ class BYOL(Method):
 
     def lr_scales(self) -> dict[str, float]:
         """A predictor that learns faster than the encoder (DirectPred, Tian et al. 2021: the
-        predictor should track the encoder's feature correlations), when predictor_lr_scale > 1."""
+        predictor should track the encoder's feature correlations), when predictor_lr_scale != 1."""
         scale = self.cfg.predictor_lr_scale
         return {} if scale == 1.0 else {"predictor": scale}
 
