@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
 from wildsight import config as config_lib
 
 if TYPE_CHECKING:
@@ -189,7 +187,7 @@ def pretrain_tree(args: argparse.Namespace) -> dict:
         key, sep, raw = item.partition("=")
         if not sep:
             raise config_lib.ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        tree = config_lib.set_path(tree, key.strip(), yaml.safe_load(raw))
+        tree = config_lib.set_path(tree, key.strip(), config_lib.yaml12_value(raw))
     return tree
 
 

@@ -246,9 +246,9 @@ def merge(base: dict, override: Mapping) -> dict:
 
 
 def yaml12_value(raw: str) -> Any:
-    """A KEY=VALUE override's value as YAML 1.2 reads it: PyYAML (YAML 1.1) leaves `1e-3` a
-    string, this gives the float 0.001 (typed config fields coerce such strings anyway; records
-    that echo the overrides, e.g. benchmark JSON, should hold the number)."""
+    """A `--set KEY=VALUE` value as YAML 1.2 reads it: PyYAML (YAML 1.1) leaves `1e-3` a string,
+    this gives the float 0.001, so the CLI and the benchmarks (whose JSON records echo the
+    overrides) hold the number."""
     value = yaml.safe_load(raw)
     if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
         return float(value)
