@@ -47,6 +47,7 @@ from wildsight.eval.models import (
     save_classifier,
 )
 from wildsight.eval.report import confusion_matrix
+from wildsight.eval.selftrain import SelfTrainConfig
 from wildsight.fileio import write_json
 
 __all__ = ["distill", "eval_finetune", "eval_lowshot", "finetune_classifier"]
@@ -132,12 +133,14 @@ def eval_finetune(
 def eval_lowshot(
     run: str | Path, train: str, test: str, *, fractions: Sequence[float] = (0.01, 0.1),
     seeds: int = 3, protocol: str = "finetune", keep_head_layers: int | None = None,
-    config: FinetuneConfig = DEFAULT_FINETUNE, json_path: str | Path | None = None,
-    name: str = "lowshot",
+    config: FinetuneConfig = DEFAULT_FINETUNE, self_training: SelfTrainConfig | None = None,
+    unlabelled: str | None = None, json_path: str | Path | None = None, name: str = "lowshot",
 ) -> dict:  # fmt: skip
     """Low-shot table: for each fraction and seed 0 .. seeds-1, the same class-balanced subset
     for the pretrained model and for the same backbone at random init, fine-tuned (or probed,
     protocol="linear"); rows = mean and std over seeds per (model, fraction), runs = every run.
+    self_training: each fine-tuned model then self-trains on the `unlabelled` source's images
+    (default: the train images, labels unused), rows "<model> + self-training".
     Saved as RUN_DIR/eval/<name>.json; the report draws accuracy vs label fraction."""
     started = time.perf_counter()
     check_plan(fractions, seeds)
@@ -149,12 +152,19 @@ def eval_lowshot(
         fresh = load_encoder(run, random_init=model == "random init", seed=seed)
         return finetune_classifier(fresh, train_set.num_classes, keep_head_layers=k)[0]
 
+    unlabelled_images = None
+    if self_training is not None and unlabelled is not None:
+        unlabelled_images = load_images(unlabelled, encoder.config.data.image_size,
+                                        labelled=False).images  # fmt: skip
     runs = run_lowshot(make, InputSpec.from_config(encoder.config), train_set, test_set.images,
-                       test_y, fractions=fractions, seeds=seeds, protocol=protocol, cfg=config)  # fmt: skip
+                       test_y, fractions=fractions, seeds=seeds, protocol=protocol, cfg=config,
+                       self_training=self_training, unlabelled=unlabelled_images)  # fmt: skip
     doc = {"protocol": "lowshot", "evaluation": protocol, "checkpoint": str(run),
            "checkpoint_step": encoder.step, "train": train, "test": test,
            "fractions": list(fractions), "seeds": seeds, "keep_head_layers": k,
            "finetune": dataclasses.asdict(config) if protocol == "finetune" else None,
+           "self_training": None if self_training is None else {
+               **dataclasses.asdict(self_training), "unlabelled": unlabelled or train},
            "rows": summarize(runs), "runs": [r.to_dict() for r in runs],
            "elapsed_s": time.perf_counter() - started}  # fmt: skip
     save_result(run, name, doc)

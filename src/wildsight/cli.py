@@ -33,6 +33,7 @@ STOP_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + signal number, as a s
 def _parser() -> argparse.ArgumentParser:
     from wildsight.eval.distill import DEFAULT_DISTILL
     from wildsight.eval.finetune import DEFAULT_FINETUNE
+    from wildsight.eval.selftrain import DEFAULT_SELF_TRAIN
 
     p = argparse.ArgumentParser(
         prog="wildsight", description="Self-supervised visual features from unlabelled images."
@@ -109,6 +110,18 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--probe", action="store_true", help="lowshot: linear probe, not fine-tuning")
     ev.add_argument("--keep-head-layers", type=int, help="simclr: fine-tune from head layer N")
     _finetune_flags(ev, DEFAULT_FINETUNE)
+    ev.add_argument("--self-train", action="store_true",
+                    help="lowshot: then self-train each fine-tuned model on unlabelled images "
+                         "(FixMatch pseudo-labels), one more row per model")  # fmt: skip
+    ev.add_argument("--unlabelled", help="lowshot --self-train: images without labels "
+                                         "(default: the --train images, labels unused)")  # fmt: skip
+    ev.add_argument(
+        "--self-train-steps",
+        type=int,
+        help=f"lowshot --self-train: steps (default {DEFAULT_SELF_TRAIN.train.steps})",
+    )
+    ev.add_argument("--threshold", type=float, help="lowshot --self-train: confidence a pseudo-"
+                    f"label needs (default {DEFAULT_SELF_TRAIN.threshold:g})")  # fmt: skip
 
     di = sub.add_parser("distill", help="SimCLR v2 step 3: a fine-tuned teacher -> a student")
     di.add_argument("--teacher", required=True, help="folder of `eval finetune --save DIR`")
@@ -294,8 +307,28 @@ def _run_finetune(args: argparse.Namespace) -> None:
     from wildsight import api
     from wildsight.eval import format_table
     from wildsight.eval.finetune import DEFAULT_FINETUNE
+    from wildsight.eval.selftrain import DEFAULT_SELF_TRAIN
 
     cfg = _finetune_config(args, DEFAULT_FINETUNE)
+    self_flags = [f"--{k}" for k in ("unlabelled", "self_train_steps", "threshold")
+                  if getattr(args, k) is not None]  # fmt: skip
+    if self_flags and not args.self_train:
+        raise ValueError(f"{' '.join(self_flags).replace('_', '-')} only go with --self-train")
+    if args.self_train and (args.protocol != "lowshot" or args.probe):
+        raise ValueError("--self-train continues fine-tuned models: use it with `eval lowshot` "
+                         "(without --probe)")  # fmt: skip
+    self_training = None
+    if args.self_train:
+        base = DEFAULT_SELF_TRAIN
+        train = dataclasses.replace(base.train, precision=cfg.precision, device=cfg.device,
+                                    batch_size=cfg.batch_size, lr=cfg.lr,
+                                    weight_decay=cfg.weight_decay)  # fmt: skip
+        if args.self_train_steps is not None:
+            train = dataclasses.replace(train, steps=args.self_train_steps)
+        self_training = dataclasses.replace(
+            base, train=train,
+            threshold=base.threshold if args.threshold is None else args.threshold,
+        )  # fmt: skip
     if args.protocol == "finetune":
         doc = api.eval_finetune(args.checkpoint, args.train, args.test, fraction=args.fraction,
                                 seed=args.seed, random_init=args.random_init,
@@ -307,6 +340,7 @@ def _run_finetune(args: argparse.Namespace) -> None:
         doc = api.eval_lowshot(args.checkpoint, args.train, args.test, fractions=args.fractions,
                                seeds=args.seeds, protocol="linear" if args.probe else "finetune",
                                keep_head_layers=args.keep_head_layers, config=cfg,
+                               self_training=self_training, unlabelled=args.unlabelled,
                                json_path=args.json, name=args.name or "lowshot")  # fmt: skip
         rows = [{**r, "mean_top1": r["mean"], "std_top1": r["std"]} for r in doc["rows"]]
         columns = ["model", "fraction", "num_labels", "seeds", "mean_top1", "std_top1"]

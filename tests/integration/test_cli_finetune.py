@@ -66,9 +66,32 @@ def test_lowshot_with_its_random_init_reference(run: tuple[Path, Path], tmp_path
     assert "Accuracy vs label fraction" in (out / "report.html").read_text()
 
 
+def test_lowshot_self_training_adds_a_row_per_model(run: tuple[Path, Path], tmp_path: Path) -> None:
+    out, folder = run
+    args = ["eval", "lowshot", "--checkpoint", str(out), "--train", str(folder),
+            "--test", str(folder), "--fractions", "0.5", "--seeds", "1", "--self-train",
+            "--self-train-steps", "2", "--threshold", "0.5", "--unlabelled", str(folder),
+            "--json", str(tmp_path / "ls.json"), *TINY]  # fmt: skip
+    assert main(args) == 0
+    doc = json.loads((tmp_path / "ls.json").read_text())
+    assert {r["model"] for r in doc["rows"]} == {
+        "pretrained",
+        "random init",
+        "pretrained + self-training",
+        "random init + self-training",
+    }
+    self_trained = [r for r in doc["runs"] if r["model"].endswith("self-training")]
+    assert all(r["num_labels"] == 24 and r["params"]["total_steps"] == 2 for r in self_trained)
+    assert doc["self_training"]["threshold"] == 0.5
+    assert doc["self_training"]["unlabelled"] == str(folder)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
+        (["lowshot", "--threshold", "0.5"], "--self-train"),
+        (["finetune", "--self-train"], "eval lowshot"),
+        (["lowshot", "--self-train", "--threshold", "2"], "threshold"),
         (["finetune", "--fraction", "1.5"], "fraction"),
         (["finetune", "--seed", "-1"], "seed"),
         (["lowshot", "--seeds", "0"], "seeds"),

@@ -38,10 +38,12 @@ from wildsight.eval.finetune import (
 )
 from wildsight.eval.linear import linear_probe
 from wildsight.eval.models import LabelledImages
+from wildsight.eval.selftrain import SelfTrainConfig, self_train
 from wildsight.train.trainer import pick_device
 
 PROTOCOLS = ("finetune", "linear")
 MODELS = ("pretrained", "random init")
+SELF_TRAINED = " + self-training"  # row model of a fine-tuned model self-trained afterwards
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -176,6 +178,8 @@ def run_lowshot(
     protocol: str = "finetune",
     cfg: FinetuneConfig = DEFAULT_FINETUNE,
     models: Sequence[str] = MODELS,
+    self_training: SelfTrainConfig | None = None,
+    unlabelled: Tensor | None = None,
     log: Callable[[str], None] = print,
 ) -> list[LowshotRow]:
     """Every model x fraction x seed: a subset fixed by (labels, seed), then fine-tune or probe.
@@ -184,9 +188,18 @@ def run_lowshot(
     random init is drawn from `seed`). Fine-tuning seeds the crops and the batch order with the
     subset's seed too. protocol "linear" fits the L-BFGS probe on frozen features of the subset
     (features extracted once per model; the random-init encoder of seed 0).
+    self_training (fine-tuning only): each fine-tuned model then self-trains on its subset and
+    the uint8 `unlabelled` images (default: all of train's images, labels unused), one more row
+    per run, model "<model> + self-training".
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown low-shot protocol {protocol!r}; choose from {list(PROTOCOLS)}")
+    if self_training is not None and protocol != "finetune":
+        raise ValueError(
+            "low-shot self-training continues a fine-tuned model: use protocol finetune"
+        )
+    if unlabelled is None:
+        unlabelled = train.images
     check_plan(fractions, seeds)
     for model in models:
         if model not in MODELS:
@@ -207,8 +220,9 @@ def run_lowshot(
                 probe = linear_probe(features[0][idx], train.labels[idx], features[1], test_labels)
                 top1, seconds, params = probe.top1, None, dict(probe.params)
             else:
+                classifier = make_classifier(model, seed)
                 result = finetune(
-                    make_classifier(model, seed), train.images[idx], train.labels[idx],
+                    classifier, train.images[idx], train.labels[idx],
                     test_images, test_labels, inputs=inputs, cfg=replace(cfg, seed=seed),
                 )  # fmt: skip
                 top1, seconds = result.top1, result.seconds
@@ -216,4 +230,14 @@ def run_lowshot(
             rows.append(LowshotRow(model, fraction, seed, len(idx), top1, seconds, params))
             log(f"low-shot {protocol}: {model}, {fraction:g} of the labels ({len(idx):,} images), "
                 f"seed {seed}: top-1 {100 * top1:.1f}%")  # fmt: skip
+            if self_training is not None:
+                st = self_train(classifier, train.images[idx], train.labels[idx], unlabelled,
+                                test_images, test_labels, inputs=inputs,
+                                cfg=replace(self_training, train=replace(self_training.train, seed=seed)))  # fmt: skip
+                params = {k: st.params[k] for k in ("total_steps", "threshold", "unlabelled_ratio")}
+                params["pseudo_label_rate_end"] = st.pseudo_label_rate_end
+                rows.append(LowshotRow(model + SELF_TRAINED, fraction, seed, len(idx), st.top1,
+                                       st.seconds, params))  # fmt: skip
+                log(f"low-shot self-training: {model}, {fraction:g} of the labels, seed {seed}: "
+                    f"top-1 {100 * top1:.1f}% -> {100 * st.top1:.1f}%")  # fmt: skip
     return rows

@@ -3,6 +3,7 @@
 from wildsight.losses.byol import byol_loss
 from wildsight.losses.contrastive import nt_xent_loss
 from wildsight.losses.distill import distill_loss, distill_objective
+from wildsight.losses.fixmatch import pseudo_label_loss
 from wildsight.losses.pretext import (
     classification_accuracy,
     exemplar_classification_loss,
@@ -19,6 +20,7 @@ __all__ = [
     "exemplar_classification_loss",
     "nt_xent_loss",
     "pretext_classification_loss",
+    "pseudo_label_loss",
     "sinkhorn",
     "swav_loss",
     "triplet_loss",
