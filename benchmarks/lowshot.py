@@ -10,6 +10,10 @@ One fraction per process splits it over cores (or machines); --from merges the f
     taskset -c 0 ... lowshot.py --fractions 0.01 --teacher-fractions 0.01 --out runs/ls_1
     taskset -c 1 ... lowshot.py --fractions 0.1 --teacher-fractions 0.1 --out runs/ls_10
     .venv/bin/python benchmarks/lowshot.py --from runs/ls_1 runs/ls_10 --svg ... --json ...
+A later folder's rows replace an earlier one's for the same (model, fraction), e.g. 1% again with
+--self-train (its fine-tuned rows are the reference of its self-trained ones, one command):
+    ... lowshot.py --fractions 0.01 --teacher-fractions --self-train --out runs/ls_st
+    .venv/bin/python benchmarks/lowshot.py --from runs/lowshot runs/ls_st
 
 The steps are the CLI's, so a user reproduces any one of them alone:
     wildsight eval lowshot --checkpoint RUN --train fmnist:train --test fmnist:test --seeds 3
@@ -26,6 +30,7 @@ from pathlib import Path
 
 from wildsight import api
 from wildsight.eval import format_table
+from wildsight.eval.selftrain import DEFAULT_SELF_TRAIN
 from wildsight.eval.svg import plot_label_fraction
 from wildsight.fileio import write_atomically, write_json
 
@@ -33,8 +38,10 @@ STUDENT = "distilled student (teacher seed 0)"
 
 
 def run(args: argparse.Namespace, out: Path) -> dict:
+    self_training = DEFAULT_SELF_TRAIN if args.self_train else None
     docs: dict = {"lowshot": api.eval_lowshot(args.checkpoint, args.train, args.test,
                                               fractions=args.fractions, seeds=args.seeds,
+                                              self_training=self_training,
                                               json_path=out / "lowshot.json"),
                   "distill": []}  # fmt: skip
     for fraction in args.teacher_fractions:
@@ -69,23 +76,45 @@ SAME = ("checkpoint", "checkpoint_step", "train", "test", "evaluation", "keep_he
         "finetune")  # fmt: skip
 
 
-def merge(parts: list[dict]) -> dict:
-    """The documents of several folders (each run on its own fractions) as one run's: the same
-    checkpoint, sources and fine-tuning settings, each fraction measured once."""
+# fine-tuning fields added after older documents were written, with the value those runs used
+ADDED_LATER = {"warmup_fraction": 0.0}
+
+
+def _same(doc: dict, key: str) -> object:
+    value = doc.get(key)
+    return {**ADDED_LATER, **value} if key == "finetune" and isinstance(value, dict) else value
+
+
+def merge(parts: list[dict], log=print) -> dict:  # noqa: ANN001
+    """The documents of several folders as one run's: the same checkpoint, sources and
+    fine-tuning settings. A (model, fraction) measured in several folders is taken from the
+    LAST one (its rows come from one command, e.g. a later run with --self-train whose fine-tuned
+    rows are the reference of its self-trained ones); a teacher fraction must be measured once."""
     first = parts[0]["lowshot"]
     for part in parts[1:]:
-        differ = [k for k in SAME if part["lowshot"].get(k) != first.get(k)]
+        differ = [k for k in SAME if _same(part["lowshot"], k) != _same(first, k)]
         if differ:
             raise SystemExit(f"--from folders differ in {differ}: merge runs of one protocol only")
-    fractions = [f for part in parts for f in part["lowshot"]["fractions"]]
     teachers = [d["fraction"] for part in parts for d in part["distill"]]
-    for what, seen in (("fraction", fractions), ("teacher fraction", teachers)):
-        if len(set(seen)) != len(seen):
-            raise SystemExit(f"--from folders measure a {what} twice: {sorted(seen)}")
-    lowshot = {**first, "fractions": sorted(fractions),
-               "rows": sorted((r for part in parts for r in part["lowshot"]["rows"]),
-                              key=lambda r: (r["fraction"], r["model"] != "pretrained")),
-               "runs": [r for part in parts for r in part["lowshot"]["runs"]],
+    if len(set(teachers)) != len(teachers):
+        raise SystemExit(f"--from folders measure a teacher fraction twice: {sorted(teachers)}")
+    owner: dict[tuple[str, float], int] = {}  # (model, fraction) -> the part that supplies it
+    for i, part in enumerate(parts):
+        for r in part["lowshot"]["rows"]:
+            key = (r["model"], r["fraction"])
+            if key in owner and owner[key] != i:
+                log(f"{r['model']} at {r['fraction']:g}: rows of --from folder {i + 1} replace "
+                    f"folder {owner[key] + 1}'s")  # fmt: skip
+            owner[key] = i
+    rows = [r for i, part in enumerate(parts) for r in part["lowshot"]["rows"]
+            if owner[(r["model"], r["fraction"])] == i]  # fmt: skip
+    runs = [r for i, part in enumerate(parts) for r in part["lowshot"]["runs"]
+            if owner.get((r["model"], r["fraction"])) == i]  # fmt: skip
+    lowshot = {**first, "fractions": sorted({f for p in parts for f in p["lowshot"]["fractions"]}),
+               "rows": sorted(rows, key=lambda r: (r["fraction"], r["model"] != "pretrained",
+                                                   r["model"])),
+               "runs": runs, "self_training": next((p["lowshot"].get("self_training") for p in parts
+                                                    if p["lowshot"].get("self_training")), None),
                "elapsed_s": sum(part["lowshot"]["elapsed_s"] for part in parts)}  # fmt: skip
     distill = sorted((d for part in parts for d in part["distill"]), key=lambda d: d["fraction"])
     return {"lowshot": lowshot, "distill": distill}
@@ -135,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         metavar="DIR",
         help="only rebuild the table and SVG from these folders (merged)",
+    )
+    p.add_argument(
+        "--self-train",
+        action="store_true",
+        help="then self-train every fine-tuned model (FixMatch pseudo-labels), rows '+ self-training'",
     )
     p.add_argument("--svg", default=None, help="default: OUT/lowshot.svg")
     p.add_argument("--json", default=None, help="the three documents in one file; default: none")
