@@ -313,7 +313,7 @@ def _run_finetune(args: argparse.Namespace) -> None:
     self_flags = [f"--{k}" for k in ("unlabelled", "self_train_steps", "threshold")
                   if getattr(args, k) is not None]  # fmt: skip
     if self_flags and not args.self_train:
-        raise ValueError(f"{' '.join(self_flags).replace('_', '-')} only go with --self-train")
+        raise ValueError(f"{' '.join(self_flags).replace('_', '-')} need --self-train")
     if args.self_train and (args.protocol != "lowshot" or args.probe):
         raise ValueError("--self-train continues fine-tuned models: use it with `eval lowshot` "
                          "(without --probe)")  # fmt: skip

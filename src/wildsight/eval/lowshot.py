@@ -232,7 +232,7 @@ def run_lowshot(
                 f"seed {seed}: top-1 {100 * top1:.1f}%")  # fmt: skip
             if self_training is not None:
                 st = self_train(classifier, train.images[idx], train.labels[idx], unlabelled,
-                                test_images, test_labels, inputs=inputs,
+                                test_images, test_labels, inputs=inputs, top1_before=top1,
                                 cfg=replace(self_training, train=replace(self_training.train, seed=seed)))  # fmt: skip
                 params = {k: st.params[k] for k in ("total_steps", "threshold", "unlabelled_ratio")}
                 params["pseudo_label_rate_end"] = st.pseudo_label_rate_end

@@ -124,10 +124,12 @@ def self_train(
     *,
     inputs: InputSpec,
     cfg: SelfTrainConfig = DEFAULT_SELF_TRAIN,
+    top1_before: float | None = None,
 ) -> SelfTrainResult:
     """Train `model` (in place, usually fine-tuned on labelled_images already) on the uint8
     labelled images [L, 3, H, W] / int64 labels [L] and the uint8 unlabelled images [N, 3, H, W]
-    with FixMatch's objective; report the test accuracy [M images] before and after."""
+    with FixMatch's objective; report the test accuracy [M images] before and after.
+    top1_before: the model's test accuracy when the caller has just measured it (not again)."""
     t = cfg.train
     for name, x in (("labelled", labelled_images), ("unlabelled", unlabelled_images)):
         if x.dtype != torch.uint8 or x.ndim != 4 or not len(x):
@@ -142,7 +144,9 @@ def self_train(
     model.to(device)
     kw = {"batch_size": t.eval_batch_size, "precision": t.precision, "device": device}
     test_labels = test_labels.cpu()
-    before = float((predict(model, test_images, inputs, **kw) == test_labels).double().mean())
+    before = top1_before
+    if before is None:
+        before = float((predict(model, test_images, inputs, **kw) == test_labels).double().mean())
     strong = cfg.strong_view(inputs)
     fmt = torch.channels_last if inputs.channels_last else torch.contiguous_format
     labels = labels.to(device)
