@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from wildsight.eval.finetune import (
     Classifier,
@@ -38,7 +39,7 @@ from wildsight.eval.finetune import (
 )
 from wildsight.losses.fixmatch import pseudo_label_loss
 from wildsight.train.trainer import pick_device, view_generator
-from wildsight.views import AugmentSpec, CropGroup, ViewSpec, make_views
+from wildsight.views import AugmentSpec, CropGroup, ViewSpec, make_views, ops
 
 # 2,000 steps of 64 labelled + 128 unlabelled images (Fashion-MNIST 1%: 213 passes over the 600
 # labels, 4.3 over the 60,000 unlabelled images), the fine-tuning LR and step decay
@@ -50,13 +51,18 @@ class SelfTrainConfig:
     """threshold: FixMatch's confidence tau for a pseudo-label to count. unlabelled_ratio: mu,
     unlabelled images per labelled one in a step. weight: lambda_u of the unlabelled term.
     strong_crop_scale / strong_jitter: the strong view's crop area range and brightness /
-    contrast jitter (applied with probability 0.8; 0 = none)."""
+    contrast jitter (applied with probability 0.8; 0 = none). strong_cutout: side of the square
+    the strong view blanks out (to the normalised mean), as a fraction of the image; 0 = none.
+    ema_decay: the model returned and tested is an exponential moving average of the weights
+    (and BN statistics) with this decay per step, as FixMatch tests; 0 = the last weights."""
 
     threshold: float = 0.95
     unlabelled_ratio: int = 2
     weight: float = 1.0
     strong_crop_scale: tuple[float, float] = (0.4, 1.0)
     strong_jitter: float = 0.4
+    strong_cutout: float = 0.0
+    ema_decay: float = 0.0
     train: FinetuneConfig = field(default_factory=lambda: SELF_TRAINING)
 
     def __post_init__(self) -> None:
@@ -78,6 +84,12 @@ class SelfTrainConfig:
             raise ValueError(
                 f"self-training strong_jitter must be in [0, 1), got {self.strong_jitter}"
             )
+        if not 0.0 <= self.strong_cutout <= 1.0:
+            raise ValueError(
+                f"self-training strong_cutout must be in [0, 1], got {self.strong_cutout}"
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"self-training ema_decay must be in [0, 1), got {self.ema_decay}")
         object.__setattr__(self, "strong_crop_scale", scale)
 
     def strong_view(self, inputs: InputSpec) -> ViewSpec:
@@ -98,6 +110,7 @@ DEFAULT_SELF_TRAIN = SelfTrainConfig()
 class SelfTrainResult:
     top1: float  # test accuracy after self-training
     top1_before: float  # the fine-tuned model's, measured in the same call on the same test set
+    top1_last: float  # the last weights' (= top1 without the weight average)
     pseudo_label_rate_start: float  # share of unlabelled images over the threshold, first 10%
     pseudo_label_rate_end: float  # ... last 10% of the steps
     num_labelled: int
@@ -151,6 +164,10 @@ def self_train(
     fmt = torch.channels_last if inputs.channels_last else torch.contiguous_format
     labels = labels.to(device)
     rates: list[float] = []
+    ema = None
+    if cfg.ema_decay > 0:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
+                            use_buffers=True)  # fmt: skip
 
     def batch_loss(step: int) -> tuple[Tensor, int]:
         lab = batch_indices(len(labels), t.batch_size, t.seed, step)  # [B]
@@ -159,7 +176,14 @@ def self_train(
         lab_view = inputs.train(labelled_images[lab].to(device), view_generator(t.seed, step, 0), t)
         u = unlabelled_images[unl].to(device)
         weak = inputs.train(u, view_generator(t.seed, step, 1), t)  # [mu B, 3, s, s]
-        strong_view = make_views(u, strong, view_generator(t.seed, step, 2))[0]
+        g = view_generator(t.seed, step, 2)
+        strong_view = make_views(u, strong, g)[0]
+        if cfg.strong_cutout > 0:
+            size = strong_view.shape[-1]
+            boxes = ops.sample_cutout_boxes(len(u), size, size, cfg.strong_cutout, g)
+            strong_view = ops.cutout(strong_view, boxes)
+        if ema is not None:  # the weights after step - 1
+            ema.update_parameters(model)
         model.eval()  # pseudo-labels from the running BN statistics, no gradient
         with torch.no_grad():
             weak_logits = model(weak)  # [mu B, K]
@@ -173,10 +197,15 @@ def self_train(
     total = t.total_steps(len(labels))
     torch.manual_seed(t.seed)
     stats = fit(model, batch_loss, total_steps=total, cfg=t, device=device)
-    after = float((predict(model, test_images, inputs, **kw) == test_labels).double().mean())
+    last = float((predict(model, test_images, inputs, **kw) == test_labels).double().mean())
+    after = last
+    if ema is not None:
+        ema.update_parameters(model)
+        model.load_state_dict(ema.module.state_dict())
+        after = float((predict(model, test_images, inputs, **kw) == test_labels).double().mean())
     window = max(1, len(rates) // 10)
     return SelfTrainResult(
-        top1=after, top1_before=before,
+        top1=after, top1_before=before, top1_last=last,
         pseudo_label_rate_start=sum(rates[:window]) / window,
         pseudo_label_rate_end=sum(rates[-window:]) / window,
         num_labelled=len(labels), num_unlabelled=len(unlabelled_images), num_test=len(test_labels),
@@ -184,7 +213,8 @@ def self_train(
         last_loss=stats.last_loss,
         params={"threshold": cfg.threshold, "unlabelled_ratio": cfg.unlabelled_ratio,
                 "weight": cfg.weight, "strong_crop_scale": list(cfg.strong_crop_scale),
-                "strong_jitter": cfg.strong_jitter, "total_steps": total,
+                "strong_jitter": cfg.strong_jitter, "strong_cutout": cfg.strong_cutout,
+                "ema_decay": cfg.ema_decay, "total_steps": total,
                 **dataclasses.asdict(t)},
         model=model,
     )  # fmt: skip

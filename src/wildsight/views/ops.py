@@ -88,6 +88,22 @@ def sample_crop_boxes(
     return torch.where(fits.any(dim=1, keepdim=True), boxes, fallback)
 
 
+def sample_cutout_boxes(
+    n: int, height: int, width: int, side: float, generator: torch.Generator
+) -> Tensor:
+    """Cutout squares [n, 4] int64 (top, left, box_height, box_width) in pixels: a square of
+    round(side * min(height, width)) px centred uniformly on the image, clipped at its borders
+    (DeVries & Taylor, 2017, as FixMatch's strong view), so it may cover less near an edge."""
+    if not 0.0 <= side <= 1.0:
+        raise ValueError(f"cutout side must be a fraction of the image in [0, 1], got {side}")
+    s = round(side * min(height, width))
+    cy = torch.randint(0, height, (n,), generator=generator)
+    cx = torch.randint(0, width, (n,), generator=generator)
+    top, left = (cy - s // 2).clamp(min=0), (cx - s // 2).clamp(min=0)
+    bottom, right = (cy - s // 2 + s).clamp(max=height), (cx - s // 2 + s).clamp(max=width)
+    return torch.stack([top, left, (bottom - top).clamp(min=0), (right - left).clamp(min=0)], 1)
+
+
 def sample_color_jitter(
     n: int,
     brightness: float,
@@ -320,6 +336,18 @@ def blur_kernel_size(crop_size: int, max_sigma: float) -> int:
 def solarize(images: Tensor, threshold: float = 0.5) -> Tensor:
     """x if x < threshold else 1 - x (BYOL's solarisation on [0, 1] images)."""
     return torch.where(images >= threshold, 1.0 - images, images)
+
+
+def cutout(images: Tensor, boxes: Tensor, fill: float = 0.0) -> Tensor:
+    """Fill the box (top, left, box_height, box_width) of each image [n, C, H, W] with `fill`,
+    in place; boxes [n, 4] int64 as from `sample_cutout_boxes`."""
+    n, _, height, width = images.shape
+    b = boxes.to(images.device)
+    rows = torch.arange(height, device=images.device).view(1, height, 1)  # [1, H, 1]
+    cols = torch.arange(width, device=images.device).view(1, 1, width)  # [1, 1, W]
+    top, left, bh, bw = (b[:, i].view(n, 1, 1) for i in range(4))
+    inside = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)  # [n, H, W]
+    return images.masked_fill_(inside.unsqueeze(1), fill)
 
 
 def normalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.unit.eval.test_finetune import SPEC, brightness_task, small_classifier
+from wildsight.eval import selftrain
 from wildsight.eval.finetune import FinetuneConfig, finetune
 from wildsight.eval.selftrain import SelfTrainConfig, self_train
 
@@ -25,11 +26,11 @@ def started(seed: int = 0):  # noqa: ANN201
     return model, x, y, test_x, test_y
 
 
-def run(weight: float, threshold: float):  # noqa: ANN201
+def run(weight: float, threshold: float, **kwargs):  # noqa: ANN201
     model, x, y, test_x, test_y = started()
     unlabelled, _ = brightness_task(40, seed=10)  # labels dropped
     cfg = SelfTrainConfig(threshold=threshold, weight=weight, unlabelled_ratio=10,
-                          strong_jitter=0.0, train=TRAIN)  # fmt: skip
+                          strong_jitter=0.0, train=TRAIN, **kwargs)  # fmt: skip
     return self_train(model, x, y, unlabelled, test_x, test_y, inputs=SPEC, cfg=cfg), model
 
 
@@ -53,6 +54,43 @@ def test_a_threshold_no_image_passes_is_training_on_the_labels_alone() -> None:
     assert not all(torch.equal(v, same[k]) for k, v in used_model.state_dict().items())
 
 
+def test_the_returned_model_is_the_moving_average_of_the_weights_of_every_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ema_decay d: e_0 = w_0 (the fine-tuned weights), e_k = d e_(k-1) + (1 - d) w_k after each
+    of the steps, computed here from snapshots of the trained weights; training itself is the
+    same as without the average (same last weights and accuracy)."""
+    snapshots: list[dict[str, torch.Tensor]] = []
+    real_fit = selftrain.fit
+
+    def recording_fit(model, batch_loss, **kwargs):  # noqa: ANN001, ANN202
+        def loss(step: int):  # noqa: ANN202
+            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            return batch_loss(step)
+
+        stats = real_fit(model, loss, **kwargs)
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return stats
+
+    monkeypatch.setattr(selftrain, "fit", recording_fit)
+    decay = 0.8
+    averaged, model = run(weight=1.0, threshold=0.7, strong_cutout=0.3, ema_decay=decay)
+    assert len(snapshots) == TRAIN.steps + 1
+    expected = dict(snapshots[0])
+    for weights in snapshots[1:]:
+        expected = {k: decay * e + (1 - decay) * weights[k] if e.is_floating_point() else
+                    weights[k] for k, e in expected.items()}  # fmt: skip
+    got = model.state_dict()
+    for k, v in expected.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
+    snapshots.clear()
+    plain, _ = run(weight=1.0, threshold=0.7, strong_cutout=0.3)
+    assert plain.top1_last == plain.top1 == averaged.top1_last
+    last = snapshots[-1]
+    assert any(not torch.allclose(got[k], last[k]) for k in last if last[k].is_floating_point())
+
+
 def test_bad_input() -> None:
     model, x, y, test_x, test_y = started()
     with pytest.raises(ValueError, match="one label per labelled image"):
@@ -65,7 +103,8 @@ def test_bad_input() -> None:
     ("kwargs", "match"),
     [({"threshold": 1.5}, "threshold"), ({"unlabelled_ratio": 0}, "unlabelled_ratio"),
      ({"weight": -1.0}, "weight"), ({"strong_crop_scale": (0.5, 0.2)}, "strong_crop_scale"),
-     ({"strong_jitter": 1.0}, "strong_jitter")],
+     ({"strong_jitter": 1.0}, "strong_jitter"), ({"strong_cutout": 1.5}, "strong_cutout"),
+     ({"ema_decay": 1.0}, "ema_decay")],
 )  # fmt: skip
 def test_bad_config(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -268,3 +268,35 @@ def test_apply_where_only_runs_on_the_mask():
     )
     assert seen == [2]
     assert torch.equal(out[0], x[0]) and (out[1] == 0).all() and (out[3] == 0).all()
+
+
+# --- cutout ------------------------------------------------------------------------------
+
+
+def test_cutout_fills_exactly_each_images_box():
+    x = _images(h=12, w=10)
+    boxes = torch.tensor([[0, 0, 5, 5], [7, 6, 5, 4], [3, 2, 0, 0], [0, 0, 12, 10]])
+    ref = x.clone()
+    for i, (top, left, h, w) in enumerate(boxes.tolist()):  # per-image slicing reference
+        ref[i, :, top : top + h, left : left + w] = -1.5
+    out = ops.cutout(x.clone(), boxes, fill=-1.5)
+    assert torch.equal(out, ref)
+
+
+def test_cutout_boxes_are_the_clipped_square_around_a_uniform_centre():
+    n, height, width, side = 4000, 28, 20, 0.5
+    boxes = ops.sample_cutout_boxes(n, height, width, side, _gen())
+    top, left, h, w = boxes.T
+    s = round(side * min(height, width))  # 10 px
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= height).all() and (left + w <= width).all()
+    assert (h <= s).all() and (w <= s).all()
+    # a box clipped on no side is the full square; its centre is then inside by s/2
+    inner = (top > 0) & (top + h < height) & (left > 0) & (left + w < width)
+    assert inner.any() and (h[inner] == s).all() and (w[inner] == s).all()
+    # uniform centres: the clipped height is s on rows s/2 .. height - s/2 (18 of 28 rows)
+    assert abs((h == s).double().mean().item() - (height - s + 1) / height) < 0.03
+    empty = ops.sample_cutout_boxes(8, height, width, 0.0, _gen())
+    assert (empty[:, 2] * empty[:, 3] == 0).all()
+    with pytest.raises(ValueError, match="cutout side"):
+        ops.sample_cutout_boxes(8, height, width, 1.5, _gen())
