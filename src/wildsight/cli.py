@@ -122,6 +122,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--threshold", type=float, help="lowshot --self-train: confidence a pseudo-"
                     f"label needs (default {DEFAULT_SELF_TRAIN.threshold:g})")  # fmt: skip
+    ev.add_argument("--cutout", type=float, help="lowshot --self-train: side of the square the "
+                    "strong view blanks, as a fraction of the image; 0 = none (default "
+                    f"{DEFAULT_SELF_TRAIN.strong_cutout:g})")  # fmt: skip
+    ev.add_argument("--ema", type=float, help="lowshot --self-train: test a moving average of the "
+                    f"weights with this decay per step; 0 = the last weights (default "
+                    f"{DEFAULT_SELF_TRAIN.ema_decay:g})")  # fmt: skip
 
     di = sub.add_parser("distill", help="SimCLR v2 step 3: a fine-tuned teacher -> a student")
     di.add_argument("--teacher", required=True, help="folder of `eval finetune --save DIR`")
@@ -310,7 +316,7 @@ def _run_finetune(args: argparse.Namespace) -> None:
     from wildsight.eval.selftrain import DEFAULT_SELF_TRAIN
 
     cfg = _finetune_config(args, DEFAULT_FINETUNE)
-    self_flags = [f"--{k}" for k in ("unlabelled", "self_train_steps", "threshold")
+    self_flags = [f"--{k}" for k in ("unlabelled", "self_train_steps", "threshold", "cutout", "ema")
                   if getattr(args, k) is not None]  # fmt: skip
     if self_flags and not args.self_train:
         raise ValueError(f"{' '.join(self_flags).replace('_', '-')} need --self-train")
@@ -328,6 +334,8 @@ def _run_finetune(args: argparse.Namespace) -> None:
         self_training = dataclasses.replace(
             base, train=train,
             threshold=base.threshold if args.threshold is None else args.threshold,
+            strong_cutout=base.strong_cutout if args.cutout is None else args.cutout,
+            ema_decay=base.ema_decay if args.ema is None else args.ema,
         )  # fmt: skip
     if args.protocol == "finetune":
         doc = api.eval_finetune(args.checkpoint, args.train, args.test, fraction=args.fraction,

@@ -71,6 +71,7 @@ def test_lowshot_self_training_adds_a_row_per_model(run: tuple[Path, Path], tmp_
     args = ["eval", "lowshot", "--checkpoint", str(out), "--train", str(folder),
             "--test", str(folder), "--fractions", "0.5", "--seeds", "1", "--self-train",
             "--self-train-steps", "2", "--threshold", "0.5", "--unlabelled", str(folder),
+            "--cutout", "0.25", "--ema", "0.5",
             "--json", str(tmp_path / "ls.json"), *TINY]  # fmt: skip
     assert main(args) == 0
     doc = json.loads((tmp_path / "ls.json").read_text())
@@ -82,7 +83,11 @@ def test_lowshot_self_training_adds_a_row_per_model(run: tuple[Path, Path], tmp_
     }
     self_trained = [r for r in doc["runs"] if r["model"].endswith("self-training")]
     assert all(r["num_labels"] == 24 and r["params"]["total_steps"] == 2 for r in self_trained)
+    assert all(0 <= r["params"]["top1_last_weights"] <= 1 for r in self_trained)
     assert doc["self_training"]["threshold"] == 0.5
+    assert (
+        doc["self_training"]["strong_cutout"] == 0.25 and doc["self_training"]["ema_decay"] == 0.5
+    )
     assert doc["self_training"]["unlabelled"] == str(folder)
 
 
@@ -92,6 +97,8 @@ def test_lowshot_self_training_adds_a_row_per_model(run: tuple[Path, Path], tmp_
         (["lowshot", "--threshold", "0.5"], "--self-train"),
         (["finetune", "--self-train"], "eval lowshot"),
         (["lowshot", "--self-train", "--threshold", "2"], "threshold"),
+        (["lowshot", "--ema", "0.9"], "--self-train"),
+        (["lowshot", "--self-train", "--cutout", "2"], "strong_cutout"),
         (["finetune", "--fraction", "1.5"], "fraction"),
         (["finetune", "--seed", "-1"], "seed"),
         (["lowshot", "--seeds", "0"], "seeds"),

@@ -236,6 +236,7 @@ def run_lowshot(
                                 cfg=replace(self_training, train=replace(self_training.train, seed=seed)))  # fmt: skip
                 params = {k: st.params[k] for k in ("total_steps", "threshold", "unlabelled_ratio")}
                 params["pseudo_label_rate_end"] = st.pseudo_label_rate_end
+                params["top1_last_weights"] = st.top1_last  # top1: the average, if any
                 rows.append(LowshotRow(model + SELF_TRAINED, fraction, seed, len(idx), st.top1,
                                        st.seconds, params))  # fmt: skip
                 log(f"low-shot self-training: {model}, {fraction:g} of the labels, seed {seed}: "
