@@ -68,6 +68,11 @@ class SelfTrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"self-training threshold must be in [0, 1], got {self.threshold}")
+        if isinstance(self.unlabelled_ratio, bool) or not isinstance(self.unlabelled_ratio, int):
+            raise ValueError(
+                f"self-training unlabelled_ratio must be a whole number of unlabelled images per "
+                f"labelled one, got {self.unlabelled_ratio!r}"
+            )
         if self.unlabelled_ratio < 1:
             raise ValueError(
                 f"self-training unlabelled_ratio must be >= 1, got {self.unlabelled_ratio}"

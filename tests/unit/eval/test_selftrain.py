@@ -101,7 +101,7 @@ def test_bad_input() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"threshold": 1.5}, "threshold"), ({"unlabelled_ratio": 0}, "unlabelled_ratio"),
+    [({"threshold": 1.5}, "threshold"), ({"unlabelled_ratio": 0}, "unlabelled_ratio"), ({"unlabelled_ratio": 2.0}, "unlabelled_ratio"),
      ({"weight": -1.0}, "weight"), ({"strong_crop_scale": (0.5, 0.2)}, "strong_crop_scale"),
      ({"strong_jitter": 1.0}, "strong_jitter"), ({"strong_cutout": 1.5}, "strong_cutout"),
      ({"ema_decay": 1.0}, "ema_decay")],
