@@ -16,6 +16,10 @@ prototype runs). 2,000 steps then lift the 1% means by 2.8 (pretrained) and 3.7 
 init), where FixMatch from scratch runs ~1M steps (README, "Self-training"). The optimiser,
 LR schedule, precision and the weak view are the fine-tuning ones (``FinetuneConfig``). The strong
 view adds resized crops down to ``strong_crop_scale`` and brightness/contrast jitter.
+FixMatch's cutout and its moving average of the weights are options, off by default: on the
+seed-0 subset (fp32, 2,000 steps) cutout of half the side gave 84.5% against 84.4% without, and
+the average (decay 0.999) tested 0.4-0.6 points under the last weights, as it still holds weights
+from before the LR drop.
 """
 
 from __future__ import annotations
