@@ -7,6 +7,8 @@ doc = api.eval_lowshot("runs/demo", "fmnist:train", "fmnist:test", fractions=(0.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,8 +27,9 @@ from wildsight.eval.finetune import (
     feature_dim,
     finetune,
 )
-from wildsight.eval.html import save_result
+from wildsight.eval.html import result_path, save_result
 from wildsight.eval.lowshot import (
+    LowshotRow,
     check_fraction,
     check_plan,
     check_seed,
@@ -73,6 +76,40 @@ def _labelled_sets(
 ) -> tuple[LabelledImages, LabelledImages, torch.Tensor]:
     train_set, test_set = load_images(train, size), load_images(test, size)
     return train_set, test_set, align_labels(train_set.classes, test_set, reference=repr(train))
+
+
+def _append_jsonl(path: Path, records: list[dict], *, truncate: bool = False) -> None:
+    """Write records as JSON lines and fsync, so a crash right after keeps them."""
+    with open(path, "w" if truncate else "a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_partial(path: Path, settings: dict) -> list[LowshotRow]:
+    """The runs an interrupted eval_lowshot kept in `path`, if it had these settings; [] if
+    there is no such file. A file from other settings is an error: it is never overwritten."""
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    parsed = []
+    for i, line in enumerate(lines):
+        try:
+            parsed.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1 or i == 0:  # only the last run's line can be cut by a crash
+                parsed = []
+                break
+    head = parsed[0].get("settings") if parsed and isinstance(parsed[0], dict) else None
+    if head is None:
+        raise ValueError(f"{path} is not a low-shot progress file; move it away or pass "
+                         f"another --name")  # fmt: skip
+    records = parsed[1:]
+    if head != settings:
+        raise ValueError(f"{path} holds runs of a low-shot call with other settings; rerun that "
+                         f"call to finish it, or pass another --name")  # fmt: skip
+    return [LowshotRow(**r) for r in records]
 
 
 def _class_names(classes: list[str] | None, num_classes: int) -> list[str]:
@@ -141,9 +178,12 @@ def eval_lowshot(
     protocol="linear"); rows = mean and std over seeds per (model, fraction), runs = every run.
     self_training: each fine-tuned model then self-trains on the `unlabelled` source's images
     (default: the train images, labels unused), rows "<model> + self-training".
-    Saved as RUN_DIR/eval/<name>.json; the report draws accuracy vs label fraction."""
+    Saved as RUN_DIR/eval/<name>.json; the report draws accuracy vs label fraction. Each finished
+    run is kept in RUN_DIR/eval/<name>.partial.jsonl until then: the same call after a crash or a
+    stop reuses the runs it holds (removed once the result is saved)."""
     started = time.perf_counter()
     check_plan(fractions, seeds)
+    partial = result_path(run, name, ".partial.jsonl")
     encoder = load_encoder(run)
     train_set, test_set, test_y = _labelled_sets(train, test, encoder.config.data.image_size)
     k = head_layers_to_keep(encoder.config, keep_head_layers)
@@ -152,22 +192,30 @@ def eval_lowshot(
         fresh = load_encoder(run, random_init=model == "random init", seed=seed)
         return finetune_classifier(fresh, train_set.num_classes, keep_head_layers=k)[0]
 
+    settings = {"protocol": "lowshot", "evaluation": protocol, "checkpoint": str(run),
+                "checkpoint_step": encoder.step, "train": train, "test": test,
+                "fractions": list(fractions), "seeds": seeds, "keep_head_layers": k,
+                "finetune": dataclasses.asdict(config) if protocol == "finetune" else None,
+                "self_training": None if self_training is None else {
+                    **dataclasses.asdict(self_training), "unlabelled": unlabelled or train}}  # fmt: skip
+    settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
+    done = _read_partial(partial, settings)
+    if done:
+        print(f"low-shot: {len(done)} runs kept from the interrupted call in {partial}")
+    partial.parent.mkdir(parents=True, exist_ok=True)  # rewritten whole: drops a cut last line
+    _append_jsonl(partial, [{"settings": settings}, *(r.to_dict() for r in done)], truncate=True)
     unlabelled_images = None
     if self_training is not None and unlabelled is not None:
         unlabelled_images = load_images(unlabelled, encoder.config.data.image_size,
                                         labelled=False).images  # fmt: skip
     runs = run_lowshot(make, InputSpec.from_config(encoder.config), train_set, test_set.images,
                        test_y, fractions=fractions, seeds=seeds, protocol=protocol, cfg=config,
-                       self_training=self_training, unlabelled=unlabelled_images)  # fmt: skip
-    doc = {"protocol": "lowshot", "evaluation": protocol, "checkpoint": str(run),
-           "checkpoint_step": encoder.step, "train": train, "test": test,
-           "fractions": list(fractions), "seeds": seeds, "keep_head_layers": k,
-           "finetune": dataclasses.asdict(config) if protocol == "finetune" else None,
-           "self_training": None if self_training is None else {
-               **dataclasses.asdict(self_training), "unlabelled": unlabelled or train},
-           "rows": summarize(runs), "runs": [r.to_dict() for r in runs],
+                       self_training=self_training, unlabelled=unlabelled_images, done=done,
+                       on_rows=lambda rows: _append_jsonl(partial, [r.to_dict() for r in rows]))  # fmt: skip
+    doc = {**settings, "rows": summarize(runs), "runs": [r.to_dict() for r in runs],
            "elapsed_s": time.perf_counter() - started}  # fmt: skip
     save_result(run, name, doc)
+    partial.unlink(missing_ok=True)
     if json_path is not None:
         write_json(json_path, doc)
     return doc

@@ -145,3 +145,44 @@ def test_embed_exports_the_simclr_v2_encoder_with_its_first_head_layer(tmp_path:
     gamma, beta = state["projector.1.weight"], state["projector.1.bias"]
     expected = torch.relu((h @ w.T - mean) / torch.sqrt(var + 1e-5) * gamma + beta)
     torch.testing.assert_close(kept, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_interrupted_lowshot_call_keeps_its_finished_runs_and_the_same_call_reuses_them(
+    run: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The third of four fine-tunes crashes: the first two runs are on disk; the same call then
+    fine-tunes only the other two, keeps the first two as they were, and removes the file."""
+    from wildsight import api_finetune
+    from wildsight.eval import lowshot
+    from wildsight.eval.finetune import FinetuneConfig
+
+    out, folder = run
+    real, calls = lowshot.finetune, []
+
+    def crashing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(kwargs["cfg"].seed)
+        if len(calls) == 3 and crash:
+            raise RuntimeError("power cut")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lowshot, "finetune", crashing)
+    cfg = FinetuneConfig(steps=2, batch_size=8, precision="fp32")
+    kwargs = {"fractions": (0.5,), "seeds": 2, "config": cfg, "name": "resume"}
+    partial = out / "eval" / "resume.partial.jsonl"
+    crash = True
+    with pytest.raises(RuntimeError, match="power cut"):
+        api_finetune.eval_lowshot(out, str(folder), str(folder), **kwargs)
+    lines = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert lines[0]["settings"]["seeds"] == 2 and len(lines) == 3  # settings + 2 runs
+    kept = {(r["model"], r["seed"]): r["top1"] for r in lines[1:]}
+    with pytest.raises(ValueError, match="other settings"):  # never overwritten by another call
+        api_finetune.eval_lowshot(out, str(folder), str(folder), **{**kwargs, "seeds": 1})
+    crash, calls[:] = False, []
+    doc = api_finetune.eval_lowshot(out, str(folder), str(folder), **kwargs)
+    assert len(calls) == 2 and len(doc["runs"]) == 4
+    assert {(r["model"], r["seed"]) for r in doc["runs"]} == {
+        (m, s) for m in ("pretrained", "random init") for s in (0, 1)
+    }
+    assert all(r["top1"] == kept[(r["model"], r["seed"])] for r in doc["runs"]
+               if (r["model"], r["seed"]) in kept)  # fmt: skip
+    assert not partial.exists() and (out / "eval" / "resume.json").is_file()

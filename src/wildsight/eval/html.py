@@ -35,6 +35,13 @@ ROW_COLUMNS = ("features", "layer", "k", "top1", "val_top1", "params", "fraction
                "mean", "std", "num_train", "num_test", "feature_dim")  # fmt: skip
 
 
+def result_path(run_dir: str | Path, name: str, suffix: str = ".json") -> Path:
+    """RUN_DIR/eval/<name><suffix>, for a result name that is a plain file stem."""
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"result name must be a plain file stem, got {name!r}")
+    return Path(run_dir) / EVAL_DIR / f"{name}{suffix}"
+
+
 def save_result(run_dir: str | Path, name: str, doc: Mapping[str, Any]) -> Path:
     """Write ``doc`` to RUN_DIR/eval/<name>.json (atomically), then rebuild RUN_DIR/report.html.
 
@@ -42,9 +49,7 @@ def save_result(run_dir: str | Path, name: str, doc: Mapping[str, Any]) -> Path:
     """
     if "protocol" not in doc or not isinstance(doc.get("rows"), list):
         raise ValueError(f"result {name!r} needs a 'protocol' and a list of 'rows'")
-    if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"result name must be a plain file stem, got {name!r}")
-    path = Path(run_dir) / EVAL_DIR / f"{name}.json"
+    path = result_path(run_dir, name)
     _write_text(path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
     write_report(run_dir)
     return path

@@ -180,6 +180,8 @@ def run_lowshot(
     models: Sequence[str] = MODELS,
     self_training: SelfTrainConfig | None = None,
     unlabelled: Tensor | None = None,
+    done: Sequence[LowshotRow] = (),
+    on_rows: Callable[[list[LowshotRow]], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[LowshotRow]:
     """Every model x fraction x seed: a subset fixed by (labels, seed), then fine-tune or probe.
@@ -191,6 +193,9 @@ def run_lowshot(
     self_training (fine-tuning only): each fine-tuned model then self-trains on its subset and
     the uint8 `unlabelled` images (default: all of train's images, labels unused), one more row
     per run, model "<model> + self-training".
+    done: rows of an interrupted call with the same settings; a (model, fraction, seed) run they
+    hold whole (its self-training row too, when self-training) is reused, not run again.
+    on_rows: called with the new rows of each finished run, so the caller can keep them.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown low-shot protocol {protocol!r}; choose from {list(PROTOCOLS)}")
@@ -207,6 +212,7 @@ def run_lowshot(
     subsets = {(f, s): class_balanced_subset(train.labels, f, s)  # fails early on bad fractions
                for f in fractions for s in range(seeds)}  # fmt: skip
     rows: list[LowshotRow] = []
+    kept = {(r.model, r.fraction, r.seed): r for r in done}
     for model in models:
         features = None
         if protocol == "linear":
@@ -216,6 +222,13 @@ def run_lowshot(
                 for x in (train.images, test_images)
             )
         for (fraction, seed), idx in subsets.items():
+            names = [model] + ([model + SELF_TRAINED] if self_training is not None else [])
+            if all((name, fraction, seed) in kept for name in names):
+                rows.extend(kept[(name, fraction, seed)] for name in names)
+                log(f"low-shot {protocol}: {model}, {fraction:g} of the labels, seed {seed}: "
+                    f"kept from the interrupted call")  # fmt: skip
+                continue
+            first = len(rows)
             if features is not None:
                 probe = linear_probe(features[0][idx], train.labels[idx], features[1], test_labels)
                 top1, seconds, params = probe.top1, None, dict(probe.params)
@@ -241,4 +254,6 @@ def run_lowshot(
                                        st.seconds, params))  # fmt: skip
                 log(f"low-shot self-training: {model}, {fraction:g} of the labels, seed {seed}: "
                     f"top-1 {100 * top1:.1f}% -> {100 * st.top1:.1f}%")  # fmt: skip
+            if on_rows is not None:
+                on_rows(rows[first:])
     return rows
