@@ -51,7 +51,7 @@ from wildsight.eval.models import (
 )
 from wildsight.eval.report import confusion_matrix
 from wildsight.eval.selftrain import SelfTrainConfig
-from wildsight.fileio import write_json
+from wildsight.fileio import write_atomically, write_json
 
 __all__ = ["distill", "eval_finetune", "eval_lowshot", "finetune_classifier"]
 
@@ -78,11 +78,14 @@ def _labelled_sets(
     return train_set, test_set, align_labels(train_set.classes, test_set, reference=repr(train))
 
 
-def _append_jsonl(path: Path, records: list[dict], *, truncate: bool = False) -> None:
-    """Write records as JSON lines and fsync, so a crash right after keeps them."""
-    with open(path, "w" if truncate else "a", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(record, allow_nan=False) + "\n" for record in records)
+
+
+def _append_jsonl(path: Path, records: list[dict]) -> None:
+    """Append records as JSON lines and fsync, so a crash right after keeps them."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(_jsonl(records))
         f.flush()
         os.fsync(f.fileno())
 
@@ -202,8 +205,8 @@ def eval_lowshot(
     done = _read_partial(partial, settings)
     if done:
         print(f"low-shot: {len(done)} runs kept from the interrupted call in {partial}")
-    partial.parent.mkdir(parents=True, exist_ok=True)  # rewritten whole: drops a cut last line
-    _append_jsonl(partial, [{"settings": settings}, *(r.to_dict() for r in done)], truncate=True)
+    # rewritten whole and atomically: drops a cut last line, never loses the kept runs
+    write_atomically(partial, _jsonl([{"settings": settings}, *(r.to_dict() for r in done)]))
     unlabelled_images = None
     if self_training is not None and unlabelled is not None:
         unlabelled_images = load_images(unlabelled, encoder.config.data.image_size,
