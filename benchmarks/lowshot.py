@@ -14,6 +14,7 @@ A later folder's rows replace an earlier one's for the same (model, fraction), e
 --self-train (its fine-tuned rows are the reference of its self-trained ones, one command):
     ... lowshot.py --fractions 0.01 --teacher-fractions --self-train --out runs/ls_st
     .venv/bin/python benchmarks/lowshot.py --from runs/lowshot runs/ls_st
+--from also takes a file: this script's --json output or an `eval lowshot --json` document.
 
 The steps are the CLI's, so a user reproduces any one of them alone:
     wildsight eval lowshot --checkpoint RUN --train fmnist:train --test fmnist:test --seeds 3
@@ -57,7 +58,19 @@ def run(args: argparse.Namespace, out: Path) -> dict:
 
 
 def load(out: Path) -> dict:
-    """The documents of an earlier run in OUT (lowshot.json, teacher_F.json, distill_F.json)."""
+    """The documents of an earlier run in OUT (lowshot.json, teacher_F.json, distill_F.json), or
+    OUT a JSON file: this script's --json output, or one `eval lowshot --json` document."""
+    if out.is_file():
+        try:
+            doc = json.loads(out.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SystemExit(f"{out} is not a JSON document ({e}); pass a folder or a --json file")
+        if isinstance(doc, dict) and isinstance(doc.get("lowshot"), dict):
+            return {"lowshot": doc["lowshot"], "distill": doc.get("distill") or []}
+        if isinstance(doc, dict) and doc.get("protocol") == "lowshot":
+            return {"lowshot": doc, "distill": []}
+        raise SystemExit(f"{out} holds neither this script's --json output nor an `eval lowshot` "
+                         "result; pass a folder or such a file")  # fmt: skip
     if not (out / "lowshot.json").is_file():
         raise SystemExit(f"{out} has no lowshot.json; run without --from")
     docs: dict = {"lowshot": json.loads((out / "lowshot.json").read_text()), "distill": []}
@@ -163,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         dest="from_dirs",
         nargs="+",
         metavar="DIR",
-        help="only rebuild the table and SVG from these folders (merged)",
+        help="only rebuild the table and SVG from these folders or --json files (merged)",
     )
     p.add_argument(
         "--self-train",
@@ -173,13 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--svg", default=None, help="default: OUT/lowshot.svg")
     p.add_argument("--json", default=None, help="the three documents in one file; default: none")
     args = p.parse_args(argv)
-    out = Path(args.from_dirs[0] if args.from_dirs else args.out)
+    first = Path(args.from_dirs[0]) if args.from_dirs else None
+    out = Path(args.out) if first is None else first.parent if first.is_file() else first
     docs = merge([load(Path(d)) for d in args.from_dirs]) if args.from_dirs else run(args, out)
     print(table(docs))
     svg = Path(args.svg or out / "lowshot.svg")
     picture = [r for r in rows(docs) if not r["model"].startswith("teacher")]  # = seed 0's run
     write_atomically(svg, plot_label_fraction(picture))
-    print(f"wrote {svg} and the JSON documents in {out}")
+    print(f"wrote {svg}" + ("" if args.from_dirs else f" and the JSON documents in {out}"))
     if args.json:
         write_json(args.json, docs)
         print(f"wrote {args.json}")

@@ -31,6 +31,7 @@ from wildsight.eval.html import result_path, save_result
 from wildsight.eval.lowshot import (
     LowshotRow,
     check_fraction,
+    check_jobs,
     check_plan,
     check_seed,
     class_balanced_subset,
@@ -170,11 +171,27 @@ def eval_finetune(
     return doc
 
 
+@dataclasses.dataclass(frozen=True)
+class _FreshClassifier:
+    """make_classifier of `run_lowshot`: a new classifier on the run's encoder, pretrained or
+    drawn from `seed`. A class, not a closure, so that --jobs can send it to a worker process."""
+
+    run: str
+    num_classes: int
+    keep_head_layers: int
+
+    def __call__(self, model: str, seed: int) -> Classifier:
+        fresh = load_encoder(self.run, random_init=model == "random init", seed=seed)
+        return finetune_classifier(fresh, self.num_classes,
+                                   keep_head_layers=self.keep_head_layers)[0]  # fmt: skip
+
+
 def eval_lowshot(
     run: str | Path, train: str, test: str, *, fractions: Sequence[float] = (0.01, 0.1),
     seeds: int = 3, protocol: str = "finetune", keep_head_layers: int | None = None,
     config: FinetuneConfig = DEFAULT_FINETUNE, self_training: SelfTrainConfig | None = None,
     unlabelled: str | None = None, json_path: str | Path | None = None, name: str = "lowshot",
+    jobs: int = 1,
 ) -> dict:  # fmt: skip
     """Low-shot table: for each fraction and seed 0 .. seeds-1, the same class-balanced subset
     for the pretrained model and for the same backbone at random init, fine-tuned (or probed,
@@ -183,17 +200,15 @@ def eval_lowshot(
     (default: the train images, labels unused), rows "<model> + self-training".
     Saved as RUN_DIR/eval/<name>.json; the report draws accuracy vs label fraction. Each finished
     run is kept in RUN_DIR/eval/<name>.partial.jsonl until then: the same call after a crash or a
-    stop reuses the runs it holds (removed once the result is saved)."""
+    stop reuses the runs it holds (removed once the result is saved). jobs > 1 fine-tunes that
+    many runs at once, one process each (`run_lowshot`); the results do not depend on it."""
     started = time.perf_counter()
     check_plan(fractions, seeds)
+    check_jobs(jobs, protocol)
     partial = result_path(run, name, ".partial.jsonl")
     encoder = load_encoder(run)
     train_set, test_set, test_y = _labelled_sets(train, test, encoder.config.data.image_size)
     k = head_layers_to_keep(encoder.config, keep_head_layers)
-
-    def make(model: str, seed: int) -> Classifier:
-        fresh = load_encoder(run, random_init=model == "random init", seed=seed)
-        return finetune_classifier(fresh, train_set.num_classes, keep_head_layers=k)[0]
 
     settings = {"protocol": "lowshot", "evaluation": protocol, "checkpoint": str(run),
                 "checkpoint_step": encoder.step, "train": train, "test": test,
@@ -211,10 +226,12 @@ def eval_lowshot(
     if self_training is not None and unlabelled is not None:
         unlabelled_images = load_images(unlabelled, encoder.config.data.image_size,
                                         labelled=False).images  # fmt: skip
+    make = _FreshClassifier(str(run), train_set.num_classes, k)
     runs = run_lowshot(make, InputSpec.from_config(encoder.config), train_set, test_set.images,
                        test_y, fractions=fractions, seeds=seeds, protocol=protocol, cfg=config,
                        self_training=self_training, unlabelled=unlabelled_images, done=done,
-                       on_rows=lambda rows: _append_jsonl(partial, [r.to_dict() for r in rows]))  # fmt: skip
+                       on_rows=lambda rows: _append_jsonl(partial, [r.to_dict() for r in rows]),
+                       jobs=jobs)  # fmt: skip
     doc = {**settings, "rows": summarize(runs), "runs": [r.to_dict() for r in runs],
            "elapsed_s": time.perf_counter() - started}  # fmt: skip
     save_result(run, name, doc)

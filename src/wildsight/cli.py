@@ -108,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1], help="lowshot")
     ev.add_argument("--seeds", type=int, default=3, help="lowshot: seeds 0 .. N-1 per fraction")
     ev.add_argument("--probe", action="store_true", help="lowshot: linear probe, not fine-tuning")
+    ev.add_argument("--jobs", type=int, default=1, help="lowshot: fine-tune N runs at once, one "
+                    "process each, with THREADS/N threads (runs are independent; default 1)")  # fmt: skip
     ev.add_argument("--keep-head-layers", type=int, help="simclr: fine-tune from head layer N")
     _finetune_flags(ev, DEFAULT_FINETUNE)
     ev.add_argument("--self-train", action="store_true",
@@ -323,6 +325,10 @@ def _run_finetune(args: argparse.Namespace) -> None:
     if args.self_train and (args.protocol != "lowshot" or args.probe):
         raise ValueError("--self-train continues fine-tuned models: use it with `eval lowshot` "
                          "(without --probe)")  # fmt: skip
+    if args.jobs != 1 and args.protocol != "lowshot":
+        raise ValueError(
+            "--jobs runs several low-shot fine-tunes at once: use it with `eval lowshot`"
+        )
     self_training = None
     if args.self_train:
         base = DEFAULT_SELF_TRAIN
@@ -349,7 +355,8 @@ def _run_finetune(args: argparse.Namespace) -> None:
                                seeds=args.seeds, protocol="linear" if args.probe else "finetune",
                                keep_head_layers=args.keep_head_layers, config=cfg,
                                self_training=self_training, unlabelled=args.unlabelled,
-                               json_path=args.json, name=args.name or "lowshot")  # fmt: skip
+                               json_path=args.json, name=args.name or "lowshot",
+                               jobs=args.jobs)  # fmt: skip
         rows = [{**r, "mean_top1": r["mean"], "std_top1": r["std"]} for r in doc["rows"]]
         columns = ["model", "fraction", "num_labels", "seeds", "mean_top1", "std_top1"]
         print(format_table(rows, columns, title=f"low-shot {doc['evaluation']}: {args.train} -> "

@@ -102,6 +102,9 @@ def test_lowshot_self_training_adds_a_row_per_model(run: tuple[Path, Path], tmp_
         (["finetune", "--fraction", "1.5"], "fraction"),
         (["finetune", "--seed", "-1"], "seed"),
         (["lowshot", "--seeds", "0"], "seeds"),
+        (["lowshot", "--jobs", "0"], "jobs"),
+        (["lowshot", "--probe", "--jobs", "2"], "probe"),
+        (["finetune", "--jobs", "2"], "eval lowshot"),
         (["finetune", "--keep-head-layers", "1"], "head"),
         (["finetune", "--steps", "0"], "steps"),
     ],  # fmt: skip
@@ -186,3 +189,61 @@ def test_an_interrupted_lowshot_call_keeps_its_finished_runs_and_the_same_call_r
     assert all(r["top1"] == kept[(r["model"], r["seed"])] for r in doc["runs"]
                if (r["model"], r["seed"]) in kept)  # fmt: skip
     assert not partial.exists() and (out / "eval" / "resume.json").is_file()
+
+
+class _BrokenRandomInit:
+    """A make_classifier whose random init fails: a worker process's error must reach the caller."""
+
+    def __init__(self, run: Path, num_classes: int) -> None:
+        self.run, self.num_classes = run, num_classes
+
+    def __call__(self, model: str, seed: int):  # noqa: ANN204
+        from wildsight.api_finetune import finetune_classifier
+        from wildsight.eval.models import load_encoder
+
+        if model == "random init":
+            raise RuntimeError(f"disk gone at seed {seed}")
+        return finetune_classifier(load_encoder(self.run), self.num_classes)[0]
+
+
+def test_lowshot_jobs_give_the_same_runs_as_one_process(
+    run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--jobs 2 spreads the (model, fraction, seed) runs over two processes of one thread; every
+    run is seeded by itself, so each matches the one-thread sequential call exactly."""
+    import torch
+
+    out, folder = run
+    args = ["eval", "lowshot", "--checkpoint", str(out), "--train", str(folder),
+            "--test", str(folder), "--fractions", "0.5", "--seeds", "2", "--self-train",
+            "--self-train-steps", "2", "--threshold", "0.5", *TINY]  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert main([*args, "--json", str(tmp_path / "one.json"), "--name", "one"]) == 0
+        torch.set_num_threads(2)  # two jobs of 2 // 2 = 1 thread
+        assert main([*args, "--json", str(tmp_path / "two.json"), "--jobs", "2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    key = [(r["model"], r["seed"]) for r in one["runs"]]
+    assert key == [(r["model"], r["seed"]) for r in two["runs"]] and len(key) == 8
+    assert [r["top1"] for r in one["runs"]] == [r["top1"] for r in two["runs"]]
+    assert one["rows"] == two["rows"]
+    assert not list((out / "eval").glob("*.partial.jsonl"))
+
+
+def test_a_failing_lowshot_job_stops_the_call_with_its_error(run: tuple[Path, Path]) -> None:
+    from wildsight.eval.finetune import FinetuneConfig, InputSpec
+    from wildsight.eval.lowshot import run_lowshot
+    from wildsight.eval.models import load_encoder, load_images
+
+    out, folder = run
+    train = load_images(str(folder), 16)
+    inputs = InputSpec.from_config(load_encoder(out).config)
+    kept = []
+    with pytest.raises(RuntimeError, match="disk gone at seed"):
+        run_lowshot(_BrokenRandomInit(out, train.num_classes), inputs, train, train.images,
+                    train.labels, fractions=(0.5,), seeds=2, jobs=2, threads=1, on_rows=kept.append,
+                    cfg=FinetuneConfig(steps=2, batch_size=8, precision="fp32"))  # fmt: skip
+    assert all(rows[0].model == "pretrained" for rows in kept)  # only finished runs, none broken

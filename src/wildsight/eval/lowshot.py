@@ -166,6 +166,57 @@ def summarize(rows: Sequence[LowshotRow]) -> list[dict[str, Any]]:
     return out
 
 
+def _finetune_run(
+    make_classifier: Callable[[str, int], Classifier], inputs: InputSpec, train: LabelledImages,
+    test_images: Tensor, test_labels: Tensor, cfg: FinetuneConfig,
+    self_training: SelfTrainConfig | None, unlabelled: Tensor, model: str, fraction: float,
+    seed: int, log: Callable[[str], None],
+) -> list[LowshotRow]:  # fmt: skip
+    """One (model, fraction, seed) fine-tune, then its self-training if asked: its rows."""
+    idx = class_balanced_subset(train.labels, fraction, seed)
+    classifier = make_classifier(model, seed)
+    result = finetune(classifier, train.images[idx], train.labels[idx], test_images, test_labels,
+                      inputs=inputs, cfg=replace(cfg, seed=seed))  # fmt: skip
+    rows = [LowshotRow(model, fraction, seed, len(idx), result.top1, result.seconds,
+                       {"total_steps": result.params["total_steps"]})]  # fmt: skip
+    log(f"low-shot finetune: {model}, {fraction:g} of the labels ({len(idx):,} images), "
+        f"seed {seed}: top-1 {100 * result.top1:.1f}%")  # fmt: skip
+    if self_training is not None:
+        st = self_train(classifier, train.images[idx], train.labels[idx], unlabelled,
+                        test_images, test_labels, inputs=inputs, top1_before=result.top1,
+                        cfg=replace(self_training, train=replace(self_training.train, seed=seed)))  # fmt: skip
+        params = {k: st.params[k] for k in ("total_steps", "threshold", "unlabelled_ratio")}
+        params["pseudo_label_rate_end"] = st.pseudo_label_rate_end
+        params["top1_last_weights"] = st.top1_last  # top1: the average, if any
+        rows.append(LowshotRow(model + SELF_TRAINED, fraction, seed, len(idx), st.top1,
+                               st.seconds, params))  # fmt: skip
+        log(f"low-shot self-training: {model}, {fraction:g} of the labels, seed {seed}: "
+            f"top-1 {100 * result.top1:.1f}% -> {100 * st.top1:.1f}%")  # fmt: skip
+    return rows
+
+
+_WORKER: dict[str, Any] = {}  # a --jobs worker process's arguments of _finetune_run
+
+
+def _worker_start(threads: int, arguments: dict[str, Any]) -> None:
+    torch.set_num_threads(threads)
+    _WORKER.update(arguments)
+
+
+def _worker_run(task: tuple[int, str, float, int]) -> tuple[int, list[LowshotRow]]:
+    number, model, fraction, seed = task
+    return number, _finetune_run(**_WORKER, model=model, fraction=fraction, seed=seed, log=print)
+
+
+def check_jobs(jobs: int, protocol: str) -> int:
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"--jobs is how many fine-tunes run at once, must be >= 1, got {jobs!r}")
+    if jobs > 1 and protocol != "finetune":
+        raise ValueError("--jobs runs fine-tunes in parallel; a low-shot probe runs in one process "
+                         "(leave --jobs out with --probe)")  # fmt: skip
+    return jobs
+
+
 def run_lowshot(
     make_classifier: Callable[[str, int], Classifier],
     inputs: InputSpec,
@@ -182,6 +233,8 @@ def run_lowshot(
     unlabelled: Tensor | None = None,
     done: Sequence[LowshotRow] = (),
     on_rows: Callable[[list[LowshotRow]], None] | None = None,
+    jobs: int = 1,
+    threads: int | None = None,
     log: Callable[[str], None] = print,
 ) -> list[LowshotRow]:
     """Every model x fraction x seed: a subset fixed by (labels, seed), then fine-tune or probe.
@@ -196,6 +249,9 @@ def run_lowshot(
     done: rows of an interrupted call with the same settings; a (model, fraction, seed) run they
     hold whole (its self-training row too, when self-training) is reused, not run again.
     on_rows: called with the new rows of each finished run, so the caller can keep them.
+    jobs > 1 (fine-tuning only): that many runs at once, each in a spawned process with `threads`
+    threads (default: this process's threads // jobs, at least 1). make_classifier must then
+    pickle (a module-level class, not a closure); the rows come back in the same order.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown low-shot protocol {protocol!r}; choose from {list(PROTOCOLS)}")
@@ -203,6 +259,7 @@ def run_lowshot(
         raise ValueError(
             "low-shot self-training continues a fine-tuned model: use protocol finetune"
         )
+    check_jobs(jobs, protocol)
     if unlabelled is None:
         unlabelled = train.images
     check_plan(fractions, seeds)
@@ -211,49 +268,59 @@ def run_lowshot(
             raise ValueError(f"unknown low-shot model {model!r}; choose from {list(MODELS)}")
     subsets = {(f, s): class_balanced_subset(train.labels, f, s)  # fails early on bad fractions
                for f in fractions for s in range(seeds)}  # fmt: skip
-    rows: list[LowshotRow] = []
     kept = {(r.model, r.fraction, r.seed): r for r in done}
+    results: dict[int, list[LowshotRow]] = {}  # task number -> its rows, in the task order
+    tasks: list[tuple[int, str, float, int]] = []
     for model in models:
-        features = None
-        if protocol == "linear":
-            encoder, device = make_classifier(model, 0).encoder, pick_device(cfg.device)
-            features = tuple(  # train [N, D], test [M, D]
-                extract_features(encoder, x, transform=inputs.eval, device=device)
-                for x in (train.images, test_images)
-            )
-        for (fraction, seed), idx in subsets.items():
+        for fraction, seed in subsets:
             names = [model] + ([model + SELF_TRAINED] if self_training is not None else [])
+            number = len(results) + len(tasks)
             if all((name, fraction, seed) in kept for name in names):
-                rows.extend(kept[(name, fraction, seed)] for name in names)
+                results[number] = [kept[(name, fraction, seed)] for name in names]
                 log(f"low-shot {protocol}: {model}, {fraction:g} of the labels, seed {seed}: "
                     f"kept from the interrupted call")  # fmt: skip
-                continue
-            first = len(rows)
-            if features is not None:
-                probe = linear_probe(features[0][idx], train.labels[idx], features[1], test_labels)
-                top1, seconds, params = probe.top1, None, dict(probe.params)
             else:
-                classifier = make_classifier(model, seed)
-                result = finetune(
-                    classifier, train.images[idx], train.labels[idx],
-                    test_images, test_labels, inputs=inputs, cfg=replace(cfg, seed=seed),
-                )  # fmt: skip
-                top1, seconds = result.top1, result.seconds
-                params = {"total_steps": result.params["total_steps"]}
-            rows.append(LowshotRow(model, fraction, seed, len(idx), top1, seconds, params))
-            log(f"low-shot {protocol}: {model}, {fraction:g} of the labels ({len(idx):,} images), "
-                f"seed {seed}: top-1 {100 * top1:.1f}%")  # fmt: skip
-            if self_training is not None:
-                st = self_train(classifier, train.images[idx], train.labels[idx], unlabelled,
-                                test_images, test_labels, inputs=inputs, top1_before=top1,
-                                cfg=replace(self_training, train=replace(self_training.train, seed=seed)))  # fmt: skip
-                params = {k: st.params[k] for k in ("total_steps", "threshold", "unlabelled_ratio")}
-                params["pseudo_label_rate_end"] = st.pseudo_label_rate_end
-                params["top1_last_weights"] = st.top1_last  # top1: the average, if any
-                rows.append(LowshotRow(model + SELF_TRAINED, fraction, seed, len(idx), st.top1,
-                                       st.seconds, params))  # fmt: skip
-                log(f"low-shot self-training: {model}, {fraction:g} of the labels, seed {seed}: "
-                    f"top-1 {100 * top1:.1f}% -> {100 * st.top1:.1f}%")  # fmt: skip
-            if on_rows is not None:
-                on_rows(rows[first:])
-    return rows
+                tasks.append((number, model, fraction, seed))
+
+    def finished(number: int, rows: list[LowshotRow]) -> None:
+        results[number] = rows
+        if on_rows is not None:
+            on_rows(rows)
+
+    if protocol == "linear":
+        features: dict[str, tuple[Tensor, Tensor]] = {}
+        for number, model, fraction, seed in tasks:
+            if model not in features:  # train [N, D], test [M, D]
+                encoder, device = make_classifier(model, 0).encoder, pick_device(cfg.device)
+                features[model] = tuple(
+                    extract_features(encoder, x, transform=inputs.eval, device=device)
+                    for x in (train.images, test_images)
+                )  # type: ignore[assignment]
+            idx = subsets[(fraction, seed)]
+            train_x, test_x = features[model]
+            probe = linear_probe(train_x[idx], train.labels[idx], test_x, test_labels)
+            log(f"low-shot linear: {model}, {fraction:g} of the labels ({len(idx):,} images), "
+                f"seed {seed}: top-1 {100 * probe.top1:.1f}%")  # fmt: skip
+            finished(number, [LowshotRow(model, fraction, seed, len(idx), probe.top1, None,
+                                         dict(probe.params))])  # fmt: skip
+    else:
+        arguments = {"make_classifier": make_classifier, "inputs": inputs, "train": train,
+                     "test_images": test_images, "test_labels": test_labels, "cfg": cfg,
+                     "self_training": self_training, "unlabelled": unlabelled}  # fmt: skip
+        if jobs == 1 or len(tasks) <= 1:
+            for number, model, fraction, seed in tasks:
+                finished(number, _finetune_run(**arguments, model=model, fraction=fraction,
+                                               seed=seed, log=log))  # fmt: skip
+        elif tasks:
+            per_job = threads if threads is not None else max(1, torch.get_num_threads() // jobs)
+            log(f"low-shot: {len(tasks)} runs, {jobs} at a time, {per_job} thread(s) each")
+            context = torch.multiprocessing.get_context("spawn")  # tensors travel in shared memory
+            pool = context.Pool(min(jobs, len(tasks)), _worker_start, (per_job, arguments))
+            try:
+                for number, rows in pool.imap_unordered(_worker_run, tasks):
+                    finished(number, rows)
+                pool.close()
+            finally:
+                pool.terminate()  # a failed run or Ctrl-C stops the others; finished ones are kept
+                pool.join()
+    return [row for number in sorted(results) for row in results[number]]

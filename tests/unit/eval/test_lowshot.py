@@ -167,7 +167,9 @@ def test_run_lowshot_refuses_bad_arguments_before_training() -> None:
                            shuffled_labels([10, 10]), None)  # fmt: skip
     spec = InputSpec(8, (0.5,) * 3, (0.5,) * 3)
     cases = [({"seeds": 0}, "seeds"), ({"fractions": [2.0]}, "fraction"),
-             ({"fractions": []}, "at least one"), ({"protocol": "knn"}, "protocol")]  # fmt: skip
+             ({"fractions": []}, "at least one"), ({"protocol": "knn"}, "protocol"),
+             ({"jobs": 0}, "jobs"), ({"jobs": 1.5}, "jobs"),
+             ({"protocol": "linear", "jobs": 2}, "probe")]  # fmt: skip
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
             run_lowshot(never, spec, train, train.images, train.labels, **kwargs)
