@@ -64,7 +64,9 @@ def load(out: Path) -> dict:
         try:
             doc = json.loads(out.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SystemExit(f"{out} is not a JSON document ({e}); pass a folder or a --json file")
+            raise SystemExit(
+                f"{out} is not a JSON document ({e}); pass a folder or a --json file"
+            ) from None
         if isinstance(doc, dict) and isinstance(doc.get("lowshot"), dict):
             return {"lowshot": doc["lowshot"], "distill": doc.get("distill") or []}
         if isinstance(doc, dict) and doc.get("protocol") == "lowshot":
