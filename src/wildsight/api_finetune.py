@@ -201,7 +201,8 @@ def eval_lowshot(
     Saved as RUN_DIR/eval/<name>.json; the report draws accuracy vs label fraction. Each finished
     run is kept in RUN_DIR/eval/<name>.partial.jsonl until then: the same call after a crash or a
     stop reuses the runs it holds (removed once the result is saved). jobs > 1 fine-tunes that
-    many runs at once, one process each (`run_lowshot`); the results do not depend on it."""
+    many runs at once, one process each (`run_lowshot`); each run is seeded by itself, so it
+    matches the one-process call's run when both use the same threads per run."""
     started = time.perf_counter()
     check_plan(fractions, seeds)
     check_jobs(jobs, protocol)
