@@ -54,3 +54,26 @@ def test_state_dict_round_trips_strictly(name):
     b.load_state_dict(a.state_dict(), strict=True)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
+
+
+def test_swav_step_on_one_image_reports_no_feature_spread_rather_than_warning():
+    """A batch can hold one image (the rest of a batch skipped as broken files): the spread of
+    one feature vector is undefined, so SwAV reports NaN (which the collapse monitor skips)
+    without torch's degrees-of-freedom warning, and its loss stays finite."""
+    import math
+    import warnings
+
+    from wildsight.train.guards import CollapseMonitor
+
+    torch.manual_seed(0)
+    method, spec = _method("swav")
+    views = make_views(torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8), spec,
+                       torch.Generator().manual_seed(0))  # fmt: skip
+    method.before_step(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = method(views, 5)
+    assert torch.isfinite(out.loss) and math.isnan(out.metrics["feature_std"].item())
+    metrics = {k: v.item() for k, v in out.metrics.items()}
+    warning = CollapseMonitor(patience=1).check(5, metrics)
+    assert warning is None or "feature_std" not in warning

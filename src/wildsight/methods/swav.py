@@ -103,7 +103,9 @@ class SwAV(Method):
             # used evenly, 0 when every sample picks the same one) and per-dimension feature std
             assign = F.softmax(scores[0].float() / self.cfg.temperature, dim=1).mean(0)  # [K]
             entropy = -(assign * assign.clamp_min(1e-12).log()).sum()
-            feature_std = z[:batch].float().std(dim=0).mean()
+            feature_std = (  # undefined for one image: NaN, which the collapse monitor skips
+                z[:batch].float().std(dim=0).mean() if batch > 1 else z.new_full((), math.nan)
+            )
             # entropy of the hard assignments / ln min(B, K): 0 when every image picks the same
             # prototype, even if the soft codes are uniform (loss stuck at ln K); read by the
             # trainer's collapse warning (train/guards.py)
