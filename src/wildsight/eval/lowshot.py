@@ -170,10 +170,10 @@ def _finetune_run(
     make_classifier: Callable[[str, int], Classifier], inputs: InputSpec, train: LabelledImages,
     test_images: Tensor, test_labels: Tensor, cfg: FinetuneConfig,
     self_training: SelfTrainConfig | None, unlabelled: Tensor, model: str, fraction: float,
-    seed: int, log: Callable[[str], None],
+    seed: int, idx: Tensor, log: Callable[[str], None],
 ) -> list[LowshotRow]:  # fmt: skip
-    """One (model, fraction, seed) fine-tune, then its self-training if asked: its rows."""
-    idx = class_balanced_subset(train.labels, fraction, seed)
+    """One (model, fraction, seed) fine-tune on the subset idx, then its self-training if asked:
+    its rows."""
     classifier = make_classifier(model, seed)
     result = finetune(classifier, train.images[idx], train.labels[idx], test_images, test_labels,
                       inputs=inputs, cfg=replace(cfg, seed=seed))  # fmt: skip
@@ -203,9 +203,10 @@ def _worker_start(threads: int, arguments: dict[str, Any]) -> None:
     _WORKER.update(arguments)
 
 
-def _worker_run(task: tuple[int, str, float, int]) -> tuple[int, list[LowshotRow]]:
-    number, model, fraction, seed = task
-    return number, _finetune_run(**_WORKER, model=model, fraction=fraction, seed=seed, log=print)
+def _worker_run(task: tuple[int, str, float, int, Tensor]) -> tuple[int, list[LowshotRow]]:
+    number, model, fraction, seed, idx = task
+    return number, _finetune_run(**_WORKER, model=model, fraction=fraction, seed=seed, idx=idx,
+                                 log=print)  # fmt: skip
 
 
 def check_jobs(jobs: int, protocol: str) -> int:
@@ -270,9 +271,9 @@ def run_lowshot(
                for f in fractions for s in range(seeds)}  # fmt: skip
     kept = {(r.model, r.fraction, r.seed): r for r in done}
     results: dict[int, list[LowshotRow]] = {}  # task number -> its rows, in the task order
-    tasks: list[tuple[int, str, float, int]] = []
+    tasks: list[tuple[int, str, float, int, Tensor]] = []  # number, model, fraction, seed, subset
     for model in models:
-        for fraction, seed in subsets:
+        for (fraction, seed), idx in subsets.items():
             names = [model] + ([model + SELF_TRAINED] if self_training is not None else [])
             number = len(results) + len(tasks)
             if all((name, fraction, seed) in kept for name in names):
@@ -280,7 +281,7 @@ def run_lowshot(
                 log(f"low-shot {protocol}: {model}, {fraction:g} of the labels, seed {seed}: "
                     f"kept from the interrupted call")  # fmt: skip
             else:
-                tasks.append((number, model, fraction, seed))
+                tasks.append((number, model, fraction, seed, idx))
 
     def finished(number: int, rows: list[LowshotRow]) -> None:
         results[number] = rows
@@ -289,14 +290,13 @@ def run_lowshot(
 
     if protocol == "linear":
         features: dict[str, tuple[Tensor, Tensor]] = {}
-        for number, model, fraction, seed in tasks:
+        for number, model, fraction, seed, idx in tasks:
             if model not in features:  # train [N, D], test [M, D]
                 encoder, device = make_classifier(model, 0).encoder, pick_device(cfg.device)
                 features[model] = tuple(
                     extract_features(encoder, x, transform=inputs.eval, device=device)
                     for x in (train.images, test_images)
                 )  # type: ignore[assignment]
-            idx = subsets[(fraction, seed)]
             train_x, test_x = features[model]
             probe = linear_probe(train_x[idx], train.labels[idx], test_x, test_labels)
             log(f"low-shot linear: {model}, {fraction:g} of the labels ({len(idx):,} images), "
@@ -308,10 +308,10 @@ def run_lowshot(
                      "test_images": test_images, "test_labels": test_labels, "cfg": cfg,
                      "self_training": self_training, "unlabelled": unlabelled}  # fmt: skip
         if jobs == 1 or len(tasks) <= 1:
-            for number, model, fraction, seed in tasks:
+            for number, model, fraction, seed, idx in tasks:
                 finished(number, _finetune_run(**arguments, model=model, fraction=fraction,
-                                               seed=seed, log=log))  # fmt: skip
-        elif tasks:
+                                               seed=seed, idx=idx, log=log))  # fmt: skip
+        else:
             per_job = threads if threads is not None else max(1, torch.get_num_threads() // jobs)
             log(f"low-shot: {len(tasks)} runs, {jobs} at a time, {per_job} thread(s) each")
             context = torch.multiprocessing.get_context("spawn")  # tensors travel in shared memory
