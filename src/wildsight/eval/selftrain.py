@@ -19,10 +19,9 @@ view adds resized crops down to ``strong_crop_scale`` and brightness/contrast ji
 FixMatch's cutout and its moving average of the weights are options, off by default: on the
 seed-0 subset (fp32, 2,000 steps) cutout of half the side gave 84.5% against 84.4% without, and
 the average (decay 0.999) tested 0.4-0.6 points under the last weights, as it still holds weights
-from before the LR drop. Twice the steps (4,000) add 0.6-0.9 points: 84.3% +- 0.7 over the
-three 1% seeds, against 83.4% at 2,000 (bf16; seed 0 in fp32: 84.4 -> 85.0%;
-benchmarks/results/fmnist_lowshot_1pct_selftrain4000.json);
-the default stays 2,000, half the time for most of the gain.
+from before the LR drop. Twice the steps (4,000) are no reliable gain: in fp32,
+seed 0 went 84.4 -> 85.0% and seed 1 84.2 -> 83.7%; three seeds at 4,000 steps give 84.3% +- 0.7
+(benchmarks/results/fmnist_lowshot_1pct_selftrain4000.json). The default stays 2,000.
 """
 
 from __future__ import annotations
