@@ -190,14 +190,16 @@ def eval_lowshot(
     run: str | Path, train: str, test: str, *, fractions: Sequence[float] = (0.01, 0.1),
     seeds: int = 3, protocol: str = "finetune", keep_head_layers: int | None = None,
     config: FinetuneConfig = DEFAULT_FINETUNE, self_training: SelfTrainConfig | None = None,
-    unlabelled: str | None = None, json_path: str | Path | None = None, name: str = "lowshot",
-    jobs: int = 1,
+    distillation: DistillConfig | None = None, unlabelled: str | None = None,
+    json_path: str | Path | None = None, name: str = "lowshot", jobs: int = 1,
 ) -> dict:  # fmt: skip
     """Low-shot table: for each fraction and seed 0 .. seeds-1, the same class-balanced subset
     for the pretrained model and for the same backbone at random init, fine-tuned (or probed,
     protocol="linear"); rows = mean and std over seeds per (model, fraction), runs = every run.
     self_training: each fine-tuned model then self-trains on the `unlabelled` source's images
     (default: the train images, labels unused), rows "<model> + self-training".
+    distillation: then the run's last model teaches a fresh classifier of the same kind on those
+    unlabelled images (SimCLR v2 step 3), rows "<...> + distillation".
     Saved as RUN_DIR/eval/<name>.json; the report draws accuracy vs label fraction. Each finished
     run is kept in RUN_DIR/eval/<name>.partial.jsonl until then: the same call after a crash or a
     stop reuses the runs it holds (removed once the result is saved). jobs > 1 fine-tunes that
@@ -216,7 +218,9 @@ def eval_lowshot(
                 "fractions": list(fractions), "seeds": seeds, "keep_head_layers": k,
                 "finetune": dataclasses.asdict(config) if protocol == "finetune" else None,
                 "self_training": None if self_training is None else {
-                    **dataclasses.asdict(self_training), "unlabelled": unlabelled or train}}  # fmt: skip
+                    **dataclasses.asdict(self_training), "unlabelled": unlabelled or train},
+                "distillation": None if distillation is None else {
+                    **dataclasses.asdict(distillation), "unlabelled": unlabelled or train}}  # fmt: skip
     settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
     done = _read_partial(partial, settings)
     if done:
@@ -224,13 +228,14 @@ def eval_lowshot(
     # rewritten whole and atomically: drops a cut last line, never loses the kept runs
     write_atomically(partial, _jsonl([{"settings": settings}, *(r.to_dict() for r in done)]))
     unlabelled_images = None
-    if self_training is not None and unlabelled is not None:
+    if (self_training is not None or distillation is not None) and unlabelled is not None:
         unlabelled_images = load_images(unlabelled, encoder.config.data.image_size,
                                         labelled=False).images  # fmt: skip
     make = _FreshClassifier(str(run), train_set.num_classes, k)
     runs = run_lowshot(make, InputSpec.from_config(encoder.config), train_set, test_set.images,
                        test_y, fractions=fractions, seeds=seeds, protocol=protocol, cfg=config,
-                       self_training=self_training, unlabelled=unlabelled_images, done=done,
+                       self_training=self_training, distillation=distillation,
+                       unlabelled=unlabelled_images, done=done,
                        on_rows=lambda rows: _append_jsonl(partial, [r.to_dict() for r in rows]),
                        jobs=jobs)  # fmt: skip
     doc = {**settings, "rows": summarize(runs), "runs": [r.to_dict() for r in runs],

@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--self-train", action="store_true",
                     help="lowshot: then self-train each fine-tuned model on unlabelled images "
                          "(FixMatch pseudo-labels), one more row per model")  # fmt: skip
-    ev.add_argument("--unlabelled", help="lowshot --self-train: images without labels "
+    ev.add_argument("--unlabelled", help="lowshot --self-train/--distill: images without labels "
                                          "(default: the --train images, labels unused)")  # fmt: skip
     ev.add_argument(
         "--self-train-steps",
@@ -130,6 +130,18 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--ema", type=float, help="lowshot --self-train: test a moving average of the "
                     f"weights with this decay per step; 0 = the last weights (default "
                     f"{DEFAULT_SELF_TRAIN.ema_decay:g})")  # fmt: skip
+
+    ev.add_argument("--distill", action="store_true",
+                    help="lowshot: then distil each run's last model (fine-tuned or self-trained) "
+                         "into a fresh one on the unlabelled images (SimCLR v2 step 3), one more "
+                         "row per model")  # fmt: skip
+    ev.add_argument("--distill-steps", type=int, help="lowshot --distill: steps (default "
+                    f"{DEFAULT_DISTILL.train.steps})")  # fmt: skip
+    ev.add_argument("--distill-temperature", type=float, help="lowshot --distill: temperature "
+                    f"(default {DEFAULT_DISTILL.temperature:g})")  # fmt: skip
+    ev.add_argument("--distill-alpha", type=float, help="lowshot --distill: weight of the "
+                    "distillation term, 1 - alpha that of the subset's labels (default "
+                    f"{DEFAULT_DISTILL.alpha:g})")  # fmt: skip
 
     di = sub.add_parser("distill", help="SimCLR v2 step 3: a fine-tuned teacher -> a student")
     di.add_argument("--teacher", required=True, help="folder of `eval finetune --save DIR`")
@@ -314,17 +326,27 @@ def _run_finetune(args: argparse.Namespace) -> None:
     """eval finetune | eval lowshot: the whole network trained on (a subset of) the labels."""
     from wildsight import api
     from wildsight.eval import format_table
+    from wildsight.eval.distill import DEFAULT_DISTILL
     from wildsight.eval.finetune import DEFAULT_FINETUNE
     from wildsight.eval.selftrain import DEFAULT_SELF_TRAIN
 
     cfg = _finetune_config(args, DEFAULT_FINETUNE)
-    self_flags = [f"--{k}" for k in ("unlabelled", "self_train_steps", "threshold", "cutout", "ema")
+    self_flags = [f"--{k}" for k in ("self_train_steps", "threshold", "cutout", "ema")
                   if getattr(args, k) is not None]  # fmt: skip
     if self_flags and not args.self_train:
         raise ValueError(f"{' '.join(self_flags).replace('_', '-')} need --self-train")
+    if args.unlabelled is not None and not (args.self_train or args.distill):
+        raise ValueError("--unlabelled is the images of --self-train or --distill: add one")
     if args.self_train and (args.protocol != "lowshot" or args.probe):
         raise ValueError("--self-train continues fine-tuned models: use it with `eval lowshot` "
                          "(without --probe)")  # fmt: skip
+    distill_flags = [f"--{k}" for k in ("distill_steps", "distill_temperature", "distill_alpha")
+                     if getattr(args, k) is not None]  # fmt: skip
+    if distill_flags and not args.distill:
+        raise ValueError(f"{' '.join(distill_flags).replace('_', '-')} need --distill")
+    if args.distill and (args.protocol != "lowshot" or args.probe):
+        raise ValueError("--distill learns from fine-tuned models: use it with `eval lowshot` "
+                         "(without --probe); for one teacher, `wildsight distill`")  # fmt: skip
     if args.jobs != 1 and args.protocol != "lowshot":
         raise ValueError(
             "--jobs runs several low-shot fine-tunes at once: use it with `eval lowshot`"
@@ -343,6 +365,19 @@ def _run_finetune(args: argparse.Namespace) -> None:
             strong_cutout=base.strong_cutout if args.cutout is None else args.cutout,
             ema_decay=base.ema_decay if args.ema is None else args.ema,
         )  # fmt: skip
+    distillation = None
+    if args.distill:
+        base_d = DEFAULT_DISTILL
+        train_d = dataclasses.replace(base_d.train, precision=cfg.precision, device=cfg.device,
+                                      batch_size=cfg.batch_size)  # fmt: skip
+        if args.distill_steps is not None:
+            train_d = dataclasses.replace(train_d, steps=args.distill_steps)
+        distillation = dataclasses.replace(
+            base_d, train=train_d,
+            temperature=base_d.temperature if args.distill_temperature is None
+            else args.distill_temperature,
+            alpha=base_d.alpha if args.distill_alpha is None else args.distill_alpha,
+        )  # fmt: skip
     if args.protocol == "finetune":
         doc = api.eval_finetune(args.checkpoint, args.train, args.test, fraction=args.fraction,
                                 seed=args.seed, random_init=args.random_init,
@@ -354,7 +389,8 @@ def _run_finetune(args: argparse.Namespace) -> None:
         doc = api.eval_lowshot(args.checkpoint, args.train, args.test, fractions=args.fractions,
                                seeds=args.seeds, protocol="linear" if args.probe else "finetune",
                                keep_head_layers=args.keep_head_layers, config=cfg,
-                               self_training=self_training, unlabelled=args.unlabelled,
+                               self_training=self_training, distillation=distillation,
+                               unlabelled=args.unlabelled,
                                json_path=args.json, name=args.name or "lowshot",
                                jobs=args.jobs)  # fmt: skip
         rows = [{**r, "mean_top1": r["mean"], "std_top1": r["std"]} for r in doc["rows"]]

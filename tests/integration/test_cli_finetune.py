@@ -91,6 +91,48 @@ def test_lowshot_self_training_adds_a_row_per_model(run: tuple[Path, Path], tmp_
     assert doc["self_training"]["unlabelled"] == str(folder)
 
 
+def test_lowshot_distillation_teaches_a_fresh_model_from_the_last_one(
+    run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--self-train --distill: a third row per model, whose teacher is the self-trained model of
+    the same run (its test accuracy, measured again by the distillation, is that row's)."""
+    out, folder = run
+    args = ["eval", "lowshot", "--checkpoint", str(out), "--train", str(folder),
+            "--test", str(folder), "--fractions", "0.5", "--seeds", "2", "--self-train",
+            "--self-train-steps", "2", "--distill", "--distill-steps", "3",
+            "--distill-temperature", "2", "--distill-alpha", "0.5",
+            "--json", str(tmp_path / "ls.json"), *TINY]  # fmt: skip
+    assert main(args) == 0
+    doc = json.loads((tmp_path / "ls.json").read_text())
+    chain = ["", " + self-training", " + self-training + distillation"]
+    assert {r["model"] for r in doc["rows"]} == {
+        m + c for m in ("pretrained", "random init") for c in chain
+    }
+    runs = {(r["model"], r["seed"]): r for r in doc["runs"]}
+    for model in ("pretrained", "random init"):
+        for seed in (0, 1):
+            student = runs[(model + chain[2], seed)]
+            assert student["params"]["teacher_top1"] == runs[(model + chain[1], seed)]["top1"]
+            assert student["params"]["total_steps"] == 3 and student["num_labels"] == 24
+            assert student["params"]["temperature"] == 2 and student["params"]["alpha"] == 0.5
+            assert 0 <= student["params"]["agreement"] <= 1
+    assert doc["distillation"]["temperature"] == 2 and doc["distillation"]["unlabelled"] == str(
+        folder
+    )
+
+    # without self-training, the fine-tuned model is the teacher (SimCLR v2's low-shot step 3)
+    args = ["eval", "lowshot", "--checkpoint", str(out), "--train", str(folder),
+            "--test", str(folder), "--fractions", "0.5", "--seeds", "1", "--distill",
+            "--distill-steps", "2", "--name", "ls-distill", *TINY]  # fmt: skip
+    assert main(args) == 0
+    doc = json.loads((out / "eval" / "ls-distill.json").read_text())
+    runs = {r["model"]: r for r in doc["runs"]}
+    assert set(runs) == {"pretrained", "random init", "pretrained + distillation",
+                         "random init + distillation"}  # fmt: skip
+    for model in ("pretrained", "random init"):
+        assert runs[model + " + distillation"]["params"]["teacher_top1"] == runs[model]["top1"]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -99,6 +141,12 @@ def test_lowshot_self_training_adds_a_row_per_model(run: tuple[Path, Path], tmp_
         (["lowshot", "--self-train", "--threshold", "2"], "threshold"),
         (["lowshot", "--ema", "0.9"], "--self-train"),
         (["lowshot", "--self-train", "--cutout", "2"], "strong_cutout"),
+        (["lowshot", "--distill-steps", "5"], "--distill"),
+        (["lowshot", "--unlabelled", "fmnist:train"], "--self-train or --distill"),
+        (["finetune", "--distill"], "eval lowshot"),
+        (["lowshot", "--probe", "--distill"], "without --probe"),
+        (["lowshot", "--distill", "--distill-alpha", "2"], "alpha"),
+        (["lowshot", "--distill", "--distill-temperature", "0"], "temperature"),
         (["finetune", "--fraction", "1.5"], "fraction"),
         (["finetune", "--seed", "-1"], "seed"),
         (["lowshot", "--seeds", "0"], "seeds"),

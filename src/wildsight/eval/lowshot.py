@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wildsight.eval.distill import DistillConfig, distill
 from wildsight.eval.features import extract_features
 from wildsight.eval.finetune import (
     DEFAULT_FINETUNE,
@@ -44,6 +45,7 @@ from wildsight.train.trainer import pick_device
 PROTOCOLS = ("finetune", "linear")
 MODELS = ("pretrained", "random init")
 SELF_TRAINED = " + self-training"  # row model of a fine-tuned model self-trained afterwards
+DISTILLED = " + distillation"  # row model of a fresh model distilled from the run's last model
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -169,11 +171,11 @@ def summarize(rows: Sequence[LowshotRow]) -> list[dict[str, Any]]:
 def _finetune_run(
     make_classifier: Callable[[str, int], Classifier], inputs: InputSpec, train: LabelledImages,
     test_images: Tensor, test_labels: Tensor, cfg: FinetuneConfig,
-    self_training: SelfTrainConfig | None, unlabelled: Tensor, model: str, fraction: float,
-    seed: int, idx: Tensor, log: Callable[[str], None],
+    self_training: SelfTrainConfig | None, distillation: DistillConfig | None, unlabelled: Tensor,
+    model: str, fraction: float, seed: int, idx: Tensor, log: Callable[[str], None],
 ) -> list[LowshotRow]:  # fmt: skip
-    """One (model, fraction, seed) fine-tune on the subset idx, then its self-training if asked:
-    its rows."""
+    """One (model, fraction, seed) fine-tune on the subset idx, then its self-training and its
+    distillation into a fresh make_classifier(model, seed) if asked: its rows."""
     classifier = make_classifier(model, seed)
     result = finetune(classifier, train.images[idx], train.labels[idx], test_images, test_labels,
                       inputs=inputs, cfg=replace(cfg, seed=seed))  # fmt: skip
@@ -192,6 +194,18 @@ def _finetune_run(
                                st.seconds, params))  # fmt: skip
         log(f"low-shot self-training: {model}, {fraction:g} of the labels, seed {seed}: "
             f"top-1 {100 * result.top1:.1f}% -> {100 * st.top1:.1f}%")  # fmt: skip
+    if distillation is not None:  # SimCLR v2 step 3: the last model teaches a fresh one
+        labelled = (train.images[idx], train.labels[idx]) if distillation.alpha < 1.0 else None
+        student = make_classifier(model, seed)
+        d = distill(classifier, student, unlabelled, test_images, test_labels, inputs=inputs,
+                    labelled=labelled,
+                    cfg=replace(distillation, train=replace(distillation.train, seed=seed)))  # fmt: skip
+        params = {k: d.params[k] for k in ("total_steps", "temperature", "alpha")}
+        params.update(teacher_top1=d.teacher_top1, agreement=d.agreement)
+        rows.append(LowshotRow(rows[-1].model + DISTILLED, fraction, seed, len(idx), d.top1,
+                               d.seconds, params))  # fmt: skip
+        log(f"low-shot distillation: {rows[-2].model}, {fraction:g} of the labels, seed {seed}: "
+            f"teacher {100 * d.teacher_top1:.1f}% -> student {100 * d.top1:.1f}%")  # fmt: skip
     return rows
 
 
@@ -231,6 +245,7 @@ def run_lowshot(
     cfg: FinetuneConfig = DEFAULT_FINETUNE,
     models: Sequence[str] = MODELS,
     self_training: SelfTrainConfig | None = None,
+    distillation: DistillConfig | None = None,
     unlabelled: Tensor | None = None,
     done: Sequence[LowshotRow] = (),
     on_rows: Callable[[list[LowshotRow]], None] | None = None,
@@ -247,8 +262,11 @@ def run_lowshot(
     self_training (fine-tuning only): each fine-tuned model then self-trains on its subset and
     the uint8 `unlabelled` images (default: all of train's images, labels unused), one more row
     per run, model "<model> + self-training".
+    distillation (fine-tuning only): then the run's last model (self-trained, if self-training)
+    teaches a fresh make_classifier(model, seed) on the `unlabelled` images (SimCLR v2 step 3;
+    alpha < 1 mixes in the subset's labels), one more row, "<last row's model> + distillation".
     done: rows of an interrupted call with the same settings; a (model, fraction, seed) run they
-    hold whole (its self-training row too, when self-training) is reused, not run again.
+    hold whole (all its rows) is reused, not run again.
     on_rows: called with the new rows of each finished run, so the caller can keep them.
     jobs > 1 (fine-tuning only): that many runs at once, each in a spawned process with `threads`
     threads (default: this process's threads // jobs, at least 1). make_classifier must then
@@ -259,6 +277,10 @@ def run_lowshot(
     if self_training is not None and protocol != "finetune":
         raise ValueError(
             "low-shot self-training continues a fine-tuned model: use protocol finetune"
+        )
+    if distillation is not None and protocol != "finetune":
+        raise ValueError(
+            "low-shot distillation learns from a fine-tuned model: use protocol finetune"
         )
     check_jobs(jobs, protocol)
     if unlabelled is None:
@@ -275,6 +297,8 @@ def run_lowshot(
     for model in models:
         for (fraction, seed), idx in subsets.items():
             names = [model] + ([model + SELF_TRAINED] if self_training is not None else [])
+            if distillation is not None:
+                names.append(names[-1] + DISTILLED)
             number = len(results) + len(tasks)
             if all((name, fraction, seed) in kept for name in names):
                 results[number] = [kept[(name, fraction, seed)] for name in names]
@@ -306,7 +330,8 @@ def run_lowshot(
     else:
         arguments = {"make_classifier": make_classifier, "inputs": inputs, "train": train,
                      "test_images": test_images, "test_labels": test_labels, "cfg": cfg,
-                     "self_training": self_training, "unlabelled": unlabelled}  # fmt: skip
+                     "self_training": self_training, "distillation": distillation,
+                     "unlabelled": unlabelled}  # fmt: skip
         if jobs == 1 or len(tasks) <= 1:
             for number, model, fraction, seed, idx in tasks:
                 finished(number, _finetune_run(**arguments, model=model, fraction=fraction,
