@@ -264,7 +264,8 @@ def test_lowshot_jobs_give_the_same_runs_as_one_process(
     out, folder = run
     args = ["eval", "lowshot", "--checkpoint", str(out), "--train", str(folder),
             "--test", str(folder), "--fractions", "0.5", "--seeds", "2", "--self-train",
-            "--self-train-steps", "2", "--threshold", "0.5", *TINY]  # fmt: skip
+            "--self-train-steps", "2", "--threshold", "0.5", "--distill", "--distill-steps", "2",
+            *TINY]  # fmt: skip
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -275,7 +276,7 @@ def test_lowshot_jobs_give_the_same_runs_as_one_process(
         torch.set_num_threads(threads)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     key = [(r["model"], r["seed"]) for r in one["runs"]]
-    assert key == [(r["model"], r["seed"]) for r in two["runs"]] and len(key) == 8
+    assert key == [(r["model"], r["seed"]) for r in two["runs"]] and len(key) == 12
     assert [r["top1"] for r in one["runs"]] == [r["top1"] for r in two["runs"]]
     assert one["rows"] == two["rows"]
     assert not list((out / "eval").glob("*.partial.jsonl"))
