@@ -10,12 +10,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from wildsight import config as config_lib
 
 if TYPE_CHECKING:
     from wildsight.eval.finetune import FinetuneConfig
+
+_Config = TypeVar("_Config")  # a frozen config dataclass
 
 # flag -> dotted config key (every flag is also settable from YAML under that key)
 PRETRAIN_FLAGS = {
@@ -315,11 +317,15 @@ def _finetune_flags(p: argparse.ArgumentParser, defaults: FinetuneConfig) -> Non
     p.add_argument("--save", metavar="DIR", help="write the trained classifier to DIR")
 
 
-def _finetune_config(args: argparse.Namespace, base: FinetuneConfig) -> FinetuneConfig:
-    flags = {"steps": args.steps, "epochs": args.epochs, "batch_size": args.batch_size,
-             "lr": args.lr, "weight_decay": args.weight_decay, "warmup_fraction": args.warmup,
-             "precision": args.precision, "device": args.device}  # fmt: skip
+def _given(base: _Config, **flags: Any) -> _Config:
+    """`base` with the flags the user gave; a flag left out (None) keeps base's value."""
     return dataclasses.replace(base, **{k: v for k, v in flags.items() if v is not None})
+
+
+def _finetune_config(args: argparse.Namespace, base: FinetuneConfig) -> FinetuneConfig:
+    return _given(base, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+                  lr=args.lr, weight_decay=args.weight_decay, warmup_fraction=args.warmup,
+                  precision=args.precision, device=args.device)  # fmt: skip
 
 
 def _run_finetune(args: argparse.Namespace) -> None:
@@ -351,33 +357,18 @@ def _run_finetune(args: argparse.Namespace) -> None:
         raise ValueError(
             "--jobs runs several low-shot fine-tunes at once: use it with `eval lowshot`"
         )
+    shared = {"precision": cfg.precision, "device": cfg.device, "batch_size": cfg.batch_size}
     self_training = None
     if args.self_train:
-        base = DEFAULT_SELF_TRAIN
-        train = dataclasses.replace(base.train, precision=cfg.precision, device=cfg.device,
-                                    batch_size=cfg.batch_size, lr=cfg.lr,
-                                    weight_decay=cfg.weight_decay)  # fmt: skip
-        if args.self_train_steps is not None:
-            train = dataclasses.replace(train, steps=args.self_train_steps)
-        self_training = dataclasses.replace(
-            base, train=train,
-            threshold=base.threshold if args.threshold is None else args.threshold,
-            strong_cutout=base.strong_cutout if args.cutout is None else args.cutout,
-            ema_decay=base.ema_decay if args.ema is None else args.ema,
-        )  # fmt: skip
+        train = _given(DEFAULT_SELF_TRAIN.train, **shared, lr=cfg.lr,
+                       weight_decay=cfg.weight_decay, steps=args.self_train_steps)  # fmt: skip
+        self_training = _given(DEFAULT_SELF_TRAIN, train=train, threshold=args.threshold,
+                               strong_cutout=args.cutout, ema_decay=args.ema)  # fmt: skip
     distillation = None
     if args.distill:
-        base_d = DEFAULT_DISTILL
-        train_d = dataclasses.replace(base_d.train, precision=cfg.precision, device=cfg.device,
-                                      batch_size=cfg.batch_size)  # fmt: skip
-        if args.distill_steps is not None:
-            train_d = dataclasses.replace(train_d, steps=args.distill_steps)
-        distillation = dataclasses.replace(
-            base_d, train=train_d,
-            temperature=base_d.temperature if args.distill_temperature is None
-            else args.distill_temperature,
-            alpha=base_d.alpha if args.distill_alpha is None else args.distill_alpha,
-        )  # fmt: skip
+        train = _given(DEFAULT_DISTILL.train, **shared, steps=args.distill_steps)
+        distillation = _given(DEFAULT_DISTILL, train=train, temperature=args.distill_temperature,
+                              alpha=args.distill_alpha)  # fmt: skip
     if args.protocol == "finetune":
         doc = api.eval_finetune(args.checkpoint, args.train, args.test, fraction=args.fraction,
                                 seed=args.seed, random_init=args.random_init,
