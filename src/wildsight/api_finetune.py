@@ -26,6 +26,7 @@ from wildsight.eval.finetune import (
     InputSpec,
     feature_dim,
     finetune,
+    predict,
 )
 from wildsight.eval.html import result_path, save_result
 from wildsight.eval.lowshot import (
@@ -53,6 +54,7 @@ from wildsight.eval.models import (
 from wildsight.eval.report import confusion_matrix
 from wildsight.eval.selftrain import SelfTrainConfig
 from wildsight.fileio import write_atomically, write_json
+from wildsight.train.trainer import pick_device
 
 __all__ = ["distill", "eval_finetune", "eval_lowshot", "finetune_classifier"]
 
@@ -248,7 +250,8 @@ def eval_lowshot(
 
 
 def distill(
-    teacher: str | Path, unlabelled: str, test: str, *, student_checkpoint: str | Path | None = None,
+    teacher: str | Path | Sequence[str | Path], unlabelled: str, test: str, *,
+    student_checkpoint: str | Path | None = None,
     student_backbone: str | None = None, train: str | None = None,
     config: DistillConfig = DEFAULT_DISTILL, json_path: str | Path | None = None,
     save_dir: str | Path | None = None,
@@ -257,11 +260,32 @@ def distill(
     labels the `unlabelled` images with P^T(y|x; T); a student learns them. The student is, by
     default, a new classifier on the teacher's own pretrained run (self-distillation); else on
     `student_checkpoint` (another run, e.g. a smaller pretrained model) or a random-init
-    `student_backbone`. config.alpha < 1 mixes in the teacher's labelled subset (or `train`)."""
+    `student_backbone`. config.alpha < 1 mixes in the teacher's labelled subset (or `train`).
+    Several teacher folders teach together, their probabilities averaged (the first one's run,
+    classes and labels are the reference; all must take the same input)."""
     started = time.perf_counter()
     if student_checkpoint is not None and student_backbone is not None:
         raise ValueError("give --student-checkpoint or --student-backbone, not both")
-    teacher_model, teacher_inputs, meta = load_classifier(teacher)
+    paths = [teacher] if isinstance(teacher, (str, Path)) else list(teacher)
+    if not paths:
+        raise ValueError("distillation needs a teacher: --teacher DIR (of `eval finetune --save`)")
+    if config.teachers != 1:
+        raise ValueError(f"DistillConfig.teachers={config.teachers} is how many teachers `eval "
+                         "lowshot` trains; give `distill` its teachers as folders (--teacher DIR "
+                         "DIR ...)")  # fmt: skip
+    loaded = [load_classifier(path) for path in paths]
+    teacher_model, teacher_inputs, meta = loaded[0]
+    for path, (model_i, inputs_i, meta_i) in zip(paths[1:], loaded[1:], strict=True):
+        if (meta_i.get("classes"), model_i.num_classes) != (meta.get("classes"),
+                                                           teacher_model.num_classes):  # fmt: skip
+            raise ValueError(f"teacher {path} predicts other classes than teacher {paths[0]}: "
+                             "teachers must be fine-tuned on the same labels")  # fmt: skip
+        if (inputs_i.size, inputs_i.mean, inputs_i.std) != (
+            teacher_inputs.size, teacher_inputs.mean, teacher_inputs.std,
+        ):  # fmt: skip
+            raise ValueError(f"teacher {path} takes another input (size, mean, std) than teacher "
+                             f"{paths[0]}: teachers must come from runs of the same image size")  # fmt: skip
+    names = str(paths[0]) if len(paths) == 1 else [str(path) for path in paths]
     t_cfg = config_lib.load(meta["config"])
     size, classes = t_cfg.data.image_size, meta.get("classes")
     images = load_images(unlabelled, size, labelled=False).images
@@ -304,14 +328,23 @@ def distill(
         own = None if student_checkpoint is not None else int(meta["keep_head_layers"])
         student, s_inputs, k = finetune_classifier(s_encoder, num_classes, keep_head_layers=own)
         s_cfg = s_encoder.config
-    result = distill_classifier(teacher_model, student, images, test_y_set.images, test_y,
+    teachers = [m for m, _, _ in loaded] if len(loaded) > 1 else teacher_model
+    result = distill_classifier(teachers, student, images, test_y_set.images, test_y,
                                 inputs=s_inputs, teacher_inputs=teacher_inputs, labelled=labelled,
                                 cfg=config)  # fmt: skip
     student_name = student_backbone or str(s_run)
-    doc = {"protocol": "distill", "teacher": str(teacher), "student": student_name,
+    rows = [{"model": "teacher", "features": meta.get("checkpoint"), "top1": result.teacher_top1}]
+    if len(loaded) > 1:  # the ensemble's row above, then each teacher alone
+        kw = {"batch_size": config.train.eval_batch_size, "precision": config.train.precision,
+              "device": pick_device(config.train.device)}  # fmt: skip
+        rows = [{**rows[0], "model": f"{len(loaded)} teachers together", "features": None}]
+        for path, (model_i, inputs_i, meta_i) in zip(paths, loaded, strict=True):
+            pred = predict(model_i, test_y_set.images, inputs_i, **kw)  # [M]
+            rows.append({"model": f"teacher {path}", "features": meta_i.get("checkpoint"),
+                         "top1": float((pred == test_y.cpu()).double().mean())})  # fmt: skip
+    doc = {"protocol": "distill", "teacher": names, "student": student_name,
            "unlabelled": unlabelled, "test": test, "train": meta.get("labels", {}).get("source"),
-           "rows": [{"model": "teacher", "features": meta.get("checkpoint"), "top1": result.teacher_top1},
-                    {"model": "student", "features": student_name, "top1": result.top1}],
+           "rows": [*rows, {"model": "student", "features": student_name, "top1": result.top1}],
            **result.to_dict(), "elapsed_s": time.perf_counter() - started}  # fmt: skip
     if meta.get("run") and Path(meta["run"]).is_dir():
         save_result(meta["run"], "distill", doc)
@@ -320,5 +353,5 @@ def distill(
     if save_dir is not None:
         save_classifier(save_dir, student, {"run": str(s_run) if s_run else None, "classes": classes,
                                             "config": config_lib.to_dict(s_cfg), "keep_head_layers": k,
-                                            "teacher": str(teacher), "result": result.to_dict()})  # fmt: skip
+                                            "teacher": names, "result": result.to_dict()})  # fmt: skip
     return doc

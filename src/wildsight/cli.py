@@ -144,9 +144,19 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--distill-alpha", type=float, help="lowshot --distill: weight of the "
                     "distillation term, 1 - alpha that of the subset's labels (default "
                     f"{DEFAULT_DISTILL.alpha:g})")  # fmt: skip
+    ev.add_argument("--distill-teachers", type=int, metavar="N", help="lowshot --distill: N "
+                    "models teach together, their probabilities averaged: the run's last model "
+                    "and N - 1 more trained the same way with other seeds (default "
+                    f"{DEFAULT_DISTILL.teachers})")  # fmt: skip
+    ev.add_argument("--distill-flip", action="store_const", const=True, help="lowshot --distill: "
+                    "the teacher's probabilities averaged over the view and its left-right flip")  # fmt: skip
 
     di = sub.add_parser("distill", help="SimCLR v2 step 3: a fine-tuned teacher -> a student")
-    di.add_argument("--teacher", required=True, help="folder of `eval finetune --save DIR`")
+    di.add_argument("--teacher", required=True, nargs="+", metavar="DIR",
+                    help="folder of `eval finetune --save DIR`; several teach together, their "
+                         "probabilities averaged")  # fmt: skip
+    di.add_argument("--teacher-flip", action="store_true", help="the teacher's probabilities "
+                    "averaged over the view and its left-right flip")  # fmt: skip
     di.add_argument(
         "--unlabelled", required=True, help="images the teacher labels, e.g. fmnist:train"
     )
@@ -346,7 +356,8 @@ def _run_finetune(args: argparse.Namespace) -> None:
     if args.self_train and (args.protocol != "lowshot" or args.probe):
         raise ValueError("--self-train continues fine-tuned models: use it with `eval lowshot` "
                          "(without --probe)")  # fmt: skip
-    distill_flags = [f"--{k}" for k in ("distill_steps", "distill_temperature", "distill_alpha")
+    distill_flags = [f"--{k}" for k in ("distill_steps", "distill_temperature", "distill_alpha",
+                                        "distill_teachers", "distill_flip")
                      if getattr(args, k) is not None]  # fmt: skip
     if distill_flags and not args.distill:
         raise ValueError(f"{' '.join(distill_flags).replace('_', '-')} need --distill")
@@ -368,7 +379,8 @@ def _run_finetune(args: argparse.Namespace) -> None:
     if args.distill:
         train = _given(DEFAULT_DISTILL.train, **shared, steps=args.distill_steps)
         distillation = _given(DEFAULT_DISTILL, train=train, temperature=args.distill_temperature,
-                              alpha=args.distill_alpha)  # fmt: skip
+                              alpha=args.distill_alpha, teachers=args.distill_teachers,
+                              teacher_flip=args.distill_flip)  # fmt: skip
     if args.protocol == "finetune":
         doc = api.eval_finetune(args.checkpoint, args.train, args.test, fraction=args.fraction,
                                 seed=args.seed, random_init=args.random_init,
@@ -397,8 +409,10 @@ def _run_distill(args: argparse.Namespace) -> None:
     from wildsight.eval.distill import DEFAULT_DISTILL, DistillConfig
 
     cfg = DistillConfig(temperature=args.temperature, alpha=args.alpha,
+                        teacher_flip=args.teacher_flip,
                         train=_finetune_config(args, DEFAULT_DISTILL.train))  # fmt: skip
-    doc = api.distill(args.teacher, args.unlabelled, args.test,
+    teacher = args.teacher[0] if len(args.teacher) == 1 else args.teacher
+    doc = api.distill(teacher, args.unlabelled, args.test,
                       student_checkpoint=args.student_checkpoint,
                       student_backbone=args.student_backbone, train=args.train, config=cfg,
                       json_path=args.json, save_dir=args.save)  # fmt: skip

@@ -51,6 +51,37 @@ def test_finetune_then_distill(run: tuple[Path, Path], tmp_path: Path, capsys) -
     assert "agrees with the teacher" in capsys.readouterr().out
 
 
+def test_two_teachers_teach_together(run: tuple[Path, Path], tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """`distill --teacher A B`: the rows give each teacher's accuracy, which is what `eval
+    finetune` measured when it saved that teacher, and the ensemble's."""
+    out, folder = run
+    measured = {}
+    for seed in (1, 2):
+        args = ["eval", "finetune", "--checkpoint", str(out), "--train", str(folder), "--test",
+                str(folder), "--fraction", "0.5", "--seed", str(seed), "--save",
+                str(tmp_path / f"t{seed}"), "--json", str(tmp_path / f"ft{seed}.json"), *TINY]  # fmt: skip
+        assert main(args) == 0
+        measured[str(tmp_path / f"t{seed}")] = json.loads(
+            (tmp_path / f"ft{seed}.json").read_text()
+        )["top1"]
+    args = ["distill", "--teacher", *measured, "--teacher-flip", "--unlabelled", str(folder),
+            "--test", str(folder), "--json", str(tmp_path / "d.json"), *TINY]  # fmt: skip
+    assert main(args) == 0
+    doc = json.loads((tmp_path / "d.json").read_text())
+    rows = {r["model"]: r["top1"] for r in doc["rows"]}
+    assert list(rows) == ["2 teachers together", *(f"teacher {t}" for t in measured), "student"]
+    for path, top1 in measured.items():
+        assert rows[f"teacher {path}"] == top1
+    assert doc["teacher"] == list(measured) and doc["params"]["teachers"] == 2
+    assert doc["params"]["teacher_flip"] is True
+    capsys.readouterr()
+    args = ["distill", "--teacher", next(iter(measured)), str(tmp_path / "nothing"),
+            "--unlabelled", str(folder), "--test", str(folder), *TINY]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "nothing" in err and "classifier.json" in err
+
+
 def test_lowshot_with_its_random_init_reference(run: tuple[Path, Path], tmp_path: Path) -> None:
     out, folder = run
     args = ["eval", "lowshot", "--checkpoint", str(out), "--train", str(folder),
@@ -132,6 +163,22 @@ def test_lowshot_distillation_teaches_a_fresh_model_from_the_last_one(
     for model in ("pretrained", "random init"):
         assert runs[model + " + distillation"]["params"]["teacher_top1"] == runs[model]["top1"]
 
+    # two self-trained teachers, the run's and one more from the same fine-tuned model
+    args = ["eval", "lowshot", "--checkpoint", str(out), "--train", str(folder),
+            "--test", str(folder), "--fractions", "0.5", "--seeds", "1", "--self-train",
+            "--self-train-steps", "2", "--distill", "--distill-steps", "2",
+            "--distill-teachers", "2", "--distill-flip", "--name", "ls-two", *TINY]  # fmt: skip
+    assert main(args) == 0
+    doc = json.loads((out / "eval" / "ls-two.json").read_text())
+    runs = {r["model"]: r for r in doc["runs"]}
+    for model in ("pretrained", "random init"):
+        params = runs[model + chain[2]]["params"]
+        assert params["teachers"] == 2 and params["teacher_flip"] is True
+        assert len(params["teacher_top1s"]) == 2
+        assert params["teacher_top1s"][0] == runs[model + chain[1]]["top1"]
+        assert runs[model + chain[2]]["seconds"] > params["teacher_seconds"] > 0
+    assert doc["distillation"]["teachers"] == 2
+
 
 @pytest.mark.parametrize(
     ("extra", "message"),
@@ -147,6 +194,9 @@ def test_lowshot_distillation_teaches_a_fresh_model_from_the_last_one(
         (["lowshot", "--probe", "--distill"], "without --probe"),
         (["lowshot", "--distill", "--distill-alpha", "2"], "alpha"),
         (["lowshot", "--distill", "--distill-temperature", "0"], "temperature"),
+        (["lowshot", "--distill-teachers", "2"], "--distill"),
+        (["lowshot", "--distill-flip"], "--distill"),
+        (["lowshot", "--distill", "--distill-teachers", "0"], "at least 1 teacher"),
         (["finetune", "--fraction", "1.5"], "fraction"),
         (["finetune", "--seed", "-1"], "seed"),
         (["lowshot", "--seeds", "0"], "seeds"),

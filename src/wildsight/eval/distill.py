@@ -13,6 +13,7 @@ augmentation and precision are the fine-tuning ones (``FinetuneConfig``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,10 +40,19 @@ DISTILL_TRAINING = FinetuneConfig(steps=1500, lr=0.1, warmup_fraction=0.0)
 class DistillConfig:
     """temperature: tau of P(y|x; tau) for teacher and student alike. alpha: weight of the
     distillation term, 1 - alpha that of the labelled cross-entropy (eq. 3); 1 = distillation
-    only, which needs no labels."""
+    only, which needs no labels.
+
+    teachers (`eval lowshot` only): how many models teach together, their probabilities averaged
+    (`TeacherEnsemble`; Hinton et al. 2015 distilled an ensemble into one net): the run's last
+    model and teachers - 1 more trained the same way on the same labels with other seeds.
+    `wildsight distill` takes its teachers as folders instead, so it keeps 1 here.
+    teacher_flip: the teacher's probabilities are the mean over the view and the view flipped
+    left-right (for data whose labels a flip keeps, as the fine-tuning's own flips assume)."""
 
     temperature: float = 1.0
     alpha: float = 1.0
+    teachers: int = 1
+    teacher_flip: bool = False
     train: FinetuneConfig = field(default_factory=lambda: DISTILL_TRAINING)
 
     def __post_init__(self) -> None:
@@ -50,9 +60,39 @@ class DistillConfig:
             raise ValueError(f"distillation temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"distillation alpha must be in [0, 1], got {self.alpha}")
+        if isinstance(self.teachers, bool) or not isinstance(self.teachers, int):
+            raise ValueError(f"distillation teachers must be an int >= 1, got {self.teachers!r}")
+        if self.teachers < 1:
+            raise ValueError(f"distillation needs at least 1 teacher, got {self.teachers}")
 
 
 DEFAULT_DISTILL = DistillConfig()
+
+# seed of a lowshot run's extra teacher i >= 1: far from the run seeds 0 .. seeds-1
+TEACHER_SEED_STRIDE = 1000
+
+
+class TeacherEnsemble(nn.Module):
+    """Fixed teachers as one: log of the mean of their class probabilities, over the members and,
+    with flip, over the view and the view flipped left-right. Its softmax is that mean, so at
+    temperature 1 the student learns the average prediction."""
+
+    def __init__(self, members: Sequence[nn.Module], *, flip: bool = False):
+        super().__init__()
+        if not members:
+            raise ValueError("a teacher ensemble needs at least one member")
+        classes = {int(m.num_classes) for m in members}
+        if len(classes) != 1:
+            raise ValueError(f"the teachers predict different class counts {sorted(classes)}")
+        self.members = nn.ModuleList(members)
+        self.flip = flip
+        self.num_classes = classes.pop()
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, 3, s, s] -> [B, K] log-probabilities
+        views = [x, x.flip(-1)] if self.flip else [x]
+        prob = sum(m(v).float().softmax(-1) for m in self.members for v in views)
+        prob = prob / (len(self.members) * len(views))  # [B, K]
+        return prob.clamp_min(1e-12).log()
 
 
 @dataclass(frozen=True)
@@ -75,7 +115,7 @@ class DistillResult:
 
 
 def distill(
-    teacher: Classifier,
+    teacher: Classifier | Sequence[Classifier],
     student: Classifier,
     unlabelled_images: Tensor,
     test_images: Tensor,
@@ -90,12 +130,18 @@ def distill(
     [N, 3, H, W]; then report both accuracies on the test images [M, 3, H, W] / labels [M].
 
     Each step draws one light random view of B unlabelled images (`inputs`, the student's
-    input); the teacher, in eval mode and without gradients, scores that same view.
+    input); the teacher, in eval mode and without gradients, scores that same view. Several
+    teachers, or cfg.teacher_flip, teach as one `TeacherEnsemble` (teacher_top1 is its accuracy).
     teacher_inputs (default `inputs`) may differ only in memory format. labelled = (images
     [L, 3, H, W], labels [L]) is required when cfg.alpha < 1.
     """
     t = cfg.train
     teacher_inputs = teacher_inputs or inputs
+    members = list(teacher) if isinstance(teacher, Sequence) else [teacher]
+    if len(members) > 1 or cfg.teacher_flip:
+        teacher = TeacherEnsemble(members, flip=cfg.teacher_flip)
+    else:
+        teacher = members[0]
     if (teacher_inputs.size, teacher_inputs.mean, teacher_inputs.std) != (
         inputs.size, inputs.mean, inputs.std,
     ):  # fmt: skip
@@ -158,6 +204,7 @@ def distill(
         steps=stats.steps, seconds=stats.seconds, images_per_s=stats.images_per_s,
         last_loss=stats.last_loss,
         params={"temperature": cfg.temperature, "alpha": cfg.alpha, "total_steps": total,
+                "teachers": len(members), "teacher_flip": cfg.teacher_flip,
                 **dataclasses.asdict(t)},
         model=student,
     )  # fmt: skip

@@ -18,6 +18,7 @@ function of the labels and the seed only, never of the model, so every model of 
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from wildsight.eval.distill import DistillConfig, distill
+from wildsight.eval.distill import TEACHER_SEED_STRIDE, DistillConfig, distill
 from wildsight.eval.features import extract_features
 from wildsight.eval.finetune import (
     DEFAULT_FINETUNE,
@@ -39,7 +40,7 @@ from wildsight.eval.finetune import (
 )
 from wildsight.eval.linear import linear_probe
 from wildsight.eval.models import LabelledImages
-from wildsight.eval.selftrain import SelfTrainConfig, self_train
+from wildsight.eval.selftrain import SelfTrainConfig, SelfTrainResult, self_train
 from wildsight.train.trainer import pick_device
 
 PROTOCOLS = ("finetune", "linear")
@@ -183,10 +184,16 @@ def _finetune_run(
                        {"total_steps": result.params["total_steps"]})]  # fmt: skip
     log(f"low-shot finetune: {model}, {fraction:g} of the labels ({len(idx):,} images), "
         f"seed {seed}: top-1 {100 * result.top1:.1f}%")  # fmt: skip
+    extra = 0 if distillation is None else distillation.teachers - 1
+    fine_tuned = copy.deepcopy(classifier.state_dict()) if extra and self_training else None
+
+    def continue_training(model_: Classifier, seed_: int) -> SelfTrainResult:
+        return self_train(model_, train.images[idx], train.labels[idx], unlabelled, test_images,
+                          test_labels, inputs=inputs, top1_before=result.top1,
+                          cfg=replace(self_training, train=replace(self_training.train, seed=seed_)))  # fmt: skip
+
     if self_training is not None:
-        st = self_train(classifier, train.images[idx], train.labels[idx], unlabelled,
-                        test_images, test_labels, inputs=inputs, top1_before=result.top1,
-                        cfg=replace(self_training, train=replace(self_training.train, seed=seed)))  # fmt: skip
+        st = continue_training(classifier, seed)
         params = {k: st.params[k] for k in ("total_steps", "threshold", "unlabelled_ratio")}
         params["pseudo_label_rate_end"] = st.pseudo_label_rate_end
         params["top1_last_weights"] = st.top1_last  # top1: the average, if any
@@ -195,15 +202,34 @@ def _finetune_run(
         log(f"low-shot self-training: {model}, {fraction:g} of the labels, seed {seed}: "
             f"top-1 {100 * result.top1:.1f}% -> {100 * st.top1:.1f}%")  # fmt: skip
     if distillation is not None:  # SimCLR v2 step 3: the last model teaches a fresh one
+        teachers, teacher_top1s, seconds = [classifier], [rows[-1].top1], 0.0
+        for i in range(1, distillation.teachers):  # the same training, other seeds, same labels
+            seed_i = seed + i * TEACHER_SEED_STRIDE
+            if self_training is not None:  # from the same fine-tuned model
+                member = make_classifier(model, seed)
+                member.load_state_dict(fine_tuned)
+                done = continue_training(member, seed_i)
+            else:
+                member = make_classifier(model, seed_i)
+                done = finetune(member, train.images[idx], train.labels[idx], test_images,
+                                test_labels, inputs=inputs, cfg=replace(cfg, seed=seed_i))  # fmt: skip
+            teachers.append(member)
+            teacher_top1s.append(done.top1)
+            seconds += done.seconds
+            log(f"low-shot distillation: {rows[-1].model}, {fraction:g} of the labels, seed "
+                f"{seed}: teacher {i + 1} (seed {seed_i}) top-1 {100 * done.top1:.1f}%")  # fmt: skip
         labelled = (train.images[idx], train.labels[idx]) if distillation.alpha < 1.0 else None
         student = make_classifier(model, seed)
-        d = distill(classifier, student, unlabelled, test_images, test_labels, inputs=inputs,
+        d = distill(teachers, student, unlabelled, test_images, test_labels, inputs=inputs,
                     labelled=labelled,
                     cfg=replace(distillation, train=replace(distillation.train, seed=seed)))  # fmt: skip
-        params = {k: d.params[k] for k in ("total_steps", "temperature", "alpha")}
+        params = {k: d.params[k] for k in ("total_steps", "temperature", "alpha", "teachers",
+                                           "teacher_flip")}  # fmt: skip
         params.update(teacher_top1=d.teacher_top1, agreement=d.agreement)
+        if len(teachers) > 1:  # each teacher alone; the student's seconds include their training
+            params.update(teacher_top1s=teacher_top1s, teacher_seconds=seconds)
         rows.append(LowshotRow(rows[-1].model + DISTILLED, fraction, seed, len(idx), d.top1,
-                               d.seconds, params))  # fmt: skip
+                               d.seconds + seconds, params))  # fmt: skip
         log(f"low-shot distillation: {rows[-2].model}, {fraction:g} of the labels, seed {seed}: "
             f"teacher {100 * d.teacher_top1:.1f}% -> student {100 * d.top1:.1f}%")  # fmt: skip
     return rows
@@ -265,6 +291,9 @@ def run_lowshot(
     distillation (fine-tuning only): then the run's last model (self-trained, if self-training)
     teaches a fresh make_classifier(model, seed) on the `unlabelled` images (SimCLR v2 step 3;
     alpha < 1 mixes in the subset's labels), one more row, "<last row's model> + distillation".
+    With distillation.teachers = n > 1, n - 1 more models are trained as the last one was (self-
+    trained from the same fine-tuned model, or fine-tuned), with seeds seed + i * 1000, and the n
+    teach together; the row's params give each one's top-1 and its seconds include their training.
     done: rows of an interrupted call with the same settings; a (model, fraction, seed) run they
     hold whole (all its rows) is reused, not run again.
     on_rows: called with the new rows of each finished run, so the caller can keep them.

@@ -186,3 +186,33 @@ def test_summary_mean_and_sample_std_per_model_and_fraction() -> None:
         assert by_model[model]["seeds"] == 3
     one = summarize([LowshotRow("pretrained", 0.1, 0, 6000, 0.9, 1.0, {})])
     assert one[0]["std"] == 0.0 and one[0]["mean"] == statistics.fmean([0.9])
+
+
+def test_extra_distillation_teachers_are_the_same_training_with_other_seeds() -> None:
+    """distillation.teachers = 2 without self-training: teacher 2 is the run's fine-tune again
+    with seed + 1000 on the same subset, so fine-tuning it here by hand gives its top-1."""
+    import dataclasses
+
+    from tests.unit.eval.test_finetune import SPEC, brightness_task, small_classifier
+    from wildsight.eval.distill import TEACHER_SEED_STRIDE, DistillConfig
+    from wildsight.eval.finetune import FinetuneConfig, finetune
+    from wildsight.eval.models import LabelledImages
+
+    x, y = brightness_task(8, seed=0)
+    test_x, test_y = brightness_task(10, seed=1)
+    train = LabelledImages("toy", x, y, ["dark", "mid", "bright"])
+    # 2 steps: seeds 0 and 1000 end at different test accuracies (1.0 and 0.47 here)
+    cfg = FinetuneConfig(steps=2, batch_size=8, lr=0.4, precision="fp32", device="cpu")
+    distillation = DistillConfig(teachers=2, teacher_flip=True,
+                                 train=dataclasses.replace(cfg, steps=3))  # fmt: skip
+    rows = run_lowshot(lambda model, seed: small_classifier(seed), SPEC, train, test_x, test_y,
+                       fractions=[0.5], seeds=1, cfg=cfg, models=["pretrained"],
+                       distillation=distillation, log=lambda _: None)  # fmt: skip
+    assert [r.model for r in rows] == ["pretrained", "pretrained + distillation"]
+    params = rows[1].params
+    assert params["teachers"] == 2 and params["teacher_flip"] is True
+    idx = class_balanced_subset(y, 0.5, 0)
+    again = finetune(small_classifier(TEACHER_SEED_STRIDE), x[idx], y[idx], test_x, test_y,
+                     inputs=SPEC, cfg=dataclasses.replace(cfg, seed=TEACHER_SEED_STRIDE))  # fmt: skip
+    assert params["teacher_top1s"] == [rows[0].top1, again.top1]
+    assert rows[1].seconds > params["teacher_seconds"] > 0
