@@ -328,8 +328,7 @@ def distill(
         own = None if student_checkpoint is not None else int(meta["keep_head_layers"])
         student, s_inputs, k = finetune_classifier(s_encoder, num_classes, keep_head_layers=own)
         s_cfg = s_encoder.config
-    teachers = [m for m, _, _ in loaded] if len(loaded) > 1 else teacher_model
-    result = distill_classifier(teachers, student, images, test_y_set.images, test_y,
+    result = distill_classifier([m for m, _, _ in loaded], student, images, test_y_set.images, test_y,
                                 inputs=s_inputs, teacher_inputs=teacher_inputs, labelled=labelled,
                                 cfg=config)  # fmt: skip
     student_name = student_backbone or str(s_run)

@@ -411,8 +411,7 @@ def _run_distill(args: argparse.Namespace) -> None:
     cfg = DistillConfig(temperature=args.temperature, alpha=args.alpha,
                         teacher_flip=args.teacher_flip,
                         train=_finetune_config(args, DEFAULT_DISTILL.train))  # fmt: skip
-    teacher = args.teacher[0] if len(args.teacher) == 1 else args.teacher
-    doc = api.distill(teacher, args.unlabelled, args.test,
+    doc = api.distill(args.teacher, args.unlabelled, args.test,
                       student_checkpoint=args.student_checkpoint,
                       student_backbone=args.student_backbone, train=args.train, config=cfg,
                       json_path=args.json, save_dir=args.save)  # fmt: skip
