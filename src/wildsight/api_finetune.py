@@ -51,7 +51,7 @@ from wildsight.eval.models import (
     pretrained_state,
     save_classifier,
 )
-from wildsight.eval.report import confusion_matrix
+from wildsight.eval.report import confusion_matrix, top1_accuracy
 from wildsight.eval.selftrain import SelfTrainConfig
 from wildsight.fileio import write_atomically, write_json
 from wildsight.train.trainer import pick_device
@@ -340,7 +340,7 @@ def distill(
         for path, (model_i, inputs_i, meta_i) in zip(paths, loaded, strict=True):
             pred = predict(model_i, test_y_set.images, inputs_i, **kw)  # [M]
             rows.append({"model": f"teacher {path}", "features": meta_i.get("checkpoint"),
-                         "top1": float((pred == test_y.cpu()).double().mean())})  # fmt: skip
+                         "top1": top1_accuracy(pred, test_y)})  # fmt: skip
     doc = {"protocol": "distill", "teacher": names, "student": student_name,
            "unlabelled": unlabelled, "test": test, "train": meta.get("labels", {}).get("source"),
            "rows": [*rows, {"model": "student", "features": student_name, "top1": result.top1}],

@@ -19,7 +19,7 @@ from wildsight.eval.linear import (
     stratified_split,
 )
 from wildsight.eval.mlp import MLPProbe, fit_mlp, mlp_probe
-from wildsight.eval.report import ProbeResult, confusion_matrix, format_table
+from wildsight.eval.report import ProbeResult, confusion_matrix, format_table, top1_accuracy
 from wildsight.eval.sgd import fit_logistic_sgd, linear_probe_sgd
 from wildsight.eval.svg import plot_label_fraction
 
@@ -49,4 +49,5 @@ __all__ = [
     "plot_label_fraction",
     "standardize",
     "stratified_split",
+    "top1_accuracy",
 ]

@@ -28,6 +28,7 @@ from wildsight.eval.finetune import (
     fit,
     predict,
 )
+from wildsight.eval.report import top1_accuracy
 from wildsight.losses.distill import distill_objective
 from wildsight.train.trainer import pick_device, view_generator
 
@@ -196,9 +197,9 @@ def distill(
     teacher_pred = predict(teacher, test_images, teacher_inputs, **kw)  # [M]
     test_labels = test_labels.cpu()
     return DistillResult(
-        top1=float((student_pred == test_labels).double().mean()),
-        teacher_top1=float((teacher_pred == test_labels).double().mean()),
-        agreement=float((student_pred == teacher_pred).double().mean()),
+        top1=top1_accuracy(student_pred, test_labels),
+        teacher_top1=top1_accuracy(teacher_pred, test_labels),
+        agreement=top1_accuracy(student_pred, teacher_pred),
         num_unlabelled=len(unlabelled_images), num_test=len(test_labels),
         num_labelled=0 if labelled is None else len(labelled[1]),
         steps=stats.steps, seconds=stats.seconds, images_per_s=stats.images_per_s,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wildsight.data.loader import epoch_permutation
+from wildsight.eval.report import top1_accuracy
 from wildsight.train.optim import param_groups
 from wildsight.train.precision import PRECISIONS, autocast
 from wildsight.train.schedules import step_decay
@@ -340,7 +341,7 @@ def finetune(
     predictions = predict(model, test_images, inputs, batch_size=cfg.eval_batch_size,
                           precision=cfg.precision, device=device)  # fmt: skip
     return FinetuneResult(
-        top1=float((predictions == test_labels.cpu()).double().mean()),
+        top1=top1_accuracy(predictions, test_labels),
         train_top1=int(correct) / max(seen, 1),
         num_train=len(train_labels), num_test=len(test_labels), steps=stats.steps,
         seconds=stats.seconds, images_per_s=stats.images_per_s, last_loss=stats.last_loss,

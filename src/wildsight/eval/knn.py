@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wildsight.eval.linear import check_probe_inputs
-from wildsight.eval.report import ProbeResult
+from wildsight.eval.report import ProbeResult, top1_accuracy
 
 
 def nearest_neighbours(
@@ -132,7 +132,7 @@ def knn_probes(
         predicted = predictions[k].cpu()  # [M]
         results.append(
             ProbeResult(
-                top1=float((predicted == test_y.cpu()).double().mean()),
+                top1=top1_accuracy(predicted, test_y),
                 val_top1=float("nan"),
                 params={"k": k, "temperature": float(temperature)},
                 num_train=int(train_x.shape[0]),

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wildsight.eval.report import ProbeResult
+from wildsight.eval.report import ProbeResult, top1_accuracy
 
 L2_GRID: tuple[float, ...] = tuple(10.0**e for e in range(-6, 1))  # 1e-6 ... 1
 
@@ -192,7 +192,7 @@ def check_probe_inputs(
 
 def _top1(fit: LogisticFit, x: Tensor, y: Tensor, classes: Tensor) -> float:
     """Accuracy of fit on x [M, D] against labels y [M]; output j of the fit means classes[j]."""
-    return float((classes[fit.predict(x)] == y).double().mean())
+    return top1_accuracy(classes[fit.predict(x)], y)
 
 
 def linear_probe(
@@ -257,7 +257,7 @@ def linear_probe(
     )
     predictions = classes[final.predict(test_x)].cpu()  # [M], label values
     return ProbeResult(
-        top1=float((predictions == test_y.cpu()).double().mean()),
+        top1=top1_accuracy(predictions, test_y),
         val_top1=best_val,
         params={"l2": best_l2},
         predictions=predictions,
@@ -301,7 +301,7 @@ def select_on_train_split(
     best_params, best_val = dict(candidates[0]), -1.0
     for params in candidates:
         predict = fit(fit_x, train_t[fit_idx], num_classes, dict(params))
-        val_top1 = float((predict(val_x) == train_t[val_idx]).double().mean())
+        val_top1 = top1_accuracy(predict(val_x), train_t[val_idx])
         if val_top1 > best_val:
             best_params, best_val = dict(params), val_top1
     del fit_x, val_x
@@ -309,7 +309,7 @@ def select_on_train_split(
     predict = fit(full_x, train_t, num_classes, best_params)
     predictions = classes[predict(test_x)].cpu()  # [M], label values
     return ProbeResult(
-        top1=float((predictions == test_y.cpu()).double().mean()),
+        top1=top1_accuracy(predictions, test_y),
         val_top1=best_val,
         params=best_params,
         num_train=int(train_x.shape[0]),

@@ -37,6 +37,17 @@ class ProbeResult:
         }
 
 
+def top1_accuracy(predicted: Tensor, true: Tensor) -> float:
+    """Fraction of positions where predicted equals true (int [M] each, any devices): top-1
+    accuracy of class predictions, or the agreement of two models' predictions."""
+    predicted, true = predicted.cpu().flatten(), true.cpu().flatten()
+    if predicted.shape != true.shape:
+        raise ValueError(f"top-1 got {predicted.numel()} predictions but {true.numel()} labels")
+    if predicted.numel() == 0:
+        raise ValueError("top-1 of no predictions is undefined: the test set is empty")
+    return float((predicted == true).double().mean())
+
+
 def confusion_matrix(true: Tensor, predicted: Tensor, labels: Sequence[int]) -> list[list[int]]:
     """counts[i][j] = #{n : true[n] == labels[i] and predicted[n] == labels[j]}.
 

@@ -43,6 +43,7 @@ from wildsight.eval.finetune import (
     fit,
     predict,
 )
+from wildsight.eval.report import top1_accuracy
 from wildsight.losses.fixmatch import pseudo_label_loss
 from wildsight.train.trainer import pick_device, view_generator
 from wildsight.views import AugmentSpec, CropGroup, ViewSpec, make_views, ops
@@ -170,7 +171,7 @@ def self_train(
     test_labels = test_labels.cpu()
     before = top1_before
     if before is None:
-        before = float((predict(model, test_images, inputs, **kw) == test_labels).double().mean())
+        before = top1_accuracy(predict(model, test_images, inputs, **kw), test_labels)
     strong = cfg.strong_view(inputs)
     fmt = torch.channels_last if inputs.channels_last else torch.contiguous_format
     labels = labels.to(device)
@@ -208,12 +209,12 @@ def self_train(
     total = t.total_steps(len(labels))
     torch.manual_seed(t.seed)
     stats = fit(model, batch_loss, total_steps=total, cfg=t, device=device)
-    last = float((predict(model, test_images, inputs, **kw) == test_labels).double().mean())
+    last = top1_accuracy(predict(model, test_images, inputs, **kw), test_labels)
     after = last
     if ema is not None:
         ema.update_parameters(model)
         model.load_state_dict(ema.module.state_dict())
-        after = float((predict(model, test_images, inputs, **kw) == test_labels).double().mean())
+        after = top1_accuracy(predict(model, test_images, inputs, **kw), test_labels)
     window = max(1, len(rates) // 10)
     return SelfTrainResult(
         top1=after, top1_before=before, top1_last=last,

@@ -1,4 +1,4 @@
-"""format_table, ProbeResult.to_dict and the confusion matrix."""
+"""format_table, ProbeResult.to_dict, the confusion matrix and top-1 accuracy."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
+from sklearn.metrics import accuracy_score
 
-from wildsight.eval import ProbeResult, confusion_matrix, format_table
+from wildsight.eval import ProbeResult, confusion_matrix, format_table, top1_accuracy
 
 
 def test_columns_are_aligned_and_top1_is_a_percentage() -> None:
@@ -71,3 +72,21 @@ def test_confusion_matrix_is_a_direct_count() -> None:
     )
     with pytest.raises(ValueError, match="300 labels but 2 predictions"):
         confusion_matrix(true, predicted[:2], labels)
+
+
+def test_top1_accuracy_matches_scikit_learn_and_the_confusion_diagonal() -> None:
+    g = torch.Generator().manual_seed(0)
+    true = torch.randint(0, 5, (997,), generator=g)
+    predicted = torch.where(torch.rand(997, generator=g) < 0.6, true, torch.randint(0, 5, (997,)))
+    acc = top1_accuracy(predicted, true)
+    assert acc == pytest.approx(accuracy_score(true.numpy(), predicted.numpy()), abs=1e-12)
+    counts = torch.tensor(confusion_matrix(true, predicted, range(5)))
+    assert acc == pytest.approx(int(counts.diag().sum()) / int(counts.sum()), abs=1e-12)
+    assert top1_accuracy(true, true) == 1.0
+
+
+def test_top1_accuracy_refuses_mismatched_or_empty_inputs() -> None:
+    with pytest.raises(ValueError, match="3 predictions but 4 labels"):
+        top1_accuracy(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty"):
+        top1_accuracy(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
