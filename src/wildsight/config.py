@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -22,7 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from wildsight.methods import MethodConfig, method_config_class
-from wildsight.views import AugmentSpec, CropGroup, ViewSpec
+from wildsight.views import AugmentSpec, CropGroup, SpecError, ViewSpec
 
 # a YAML 1.2 float such as 1e-5 or 3E4, which PyYAML (YAML 1.1) leaves as a string
 _YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
@@ -81,7 +82,7 @@ class TrainConfig:
     batch_size: int = 256  # global batch, over all processes
     precision: Literal["fp32", "bf16", "auto"] = "auto"  # auto: bf16 where the hardware has it
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     checkpoint_every_steps: int = 1000
     checkpoint_every_s: float | None = None  # also checkpoint when this much wall time has passed
     online: bool = False  # SEER online: read the stream forever (stop with SIGTERM/SIGINT)
@@ -106,24 +107,69 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        t = self.train
-        if t.batch_size < 2:
-            raise ConfigError(f"train.batch_size must be >= 2, got {t.batch_size}")
-        if t.syncbn_group_size < 0 or t.accumulate_steps < 1:  # parallel keys (train/parallel.py)
-            raise ConfigError(
-                "train.syncbn_group_size must be >= 0 (0 = off) and train.accumulate_steps >= 1, "
-                f"got {t.syncbn_group_size} and {t.accumulate_steps}"
-            )
-        if t.checkpoint_every_s is not None and t.checkpoint_every_s <= 0:
-            raise ConfigError(f"train.checkpoint_every_s must be > 0, got {t.checkpoint_every_s}")
-        for key in ("steps", "epochs", "time_budget_s"):
-            value = getattr(t, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"train.{key} must be > 0, got {value}")
+        sections = {"data": self.data, "method": self.method, "optim": self.optim,
+                    "train": self.train}  # fmt: skip
+        for name, section in sections.items():  # nan passes every `<` check: refuse it here
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{name}.{f.name} must be a finite number, got {value}")
+        _check_train(self.train)
+        _check_optim(self.optim)
         if self.data.image_size < 0:
             raise ConfigError(f"data.image_size must be >= 0, got {self.data.image_size}")
         if not self.data.sources:
             raise ConfigError("data.sources is empty; pass --data SOURCE")
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # train.device
+
+
+def _check_train(t: TrainConfig) -> None:
+    if t.batch_size < 2:
+        raise ConfigError(f"train.batch_size must be >= 2, got {t.batch_size}")
+    if t.syncbn_group_size < 0 or t.accumulate_steps < 1:  # parallel keys (train/parallel.py)
+        raise ConfigError(
+            "train.syncbn_group_size must be >= 0 (0 = off) and train.accumulate_steps >= 1, "
+            f"got {t.syncbn_group_size} and {t.accumulate_steps}"
+        )
+    # cadences (steps between checkpoints / log lines) and counts: 0 would divide by zero
+    for key in ("checkpoint_every_steps", "log_every_steps", "keep_last",
+                "max_nonfinite_steps_in_a_row"):  # fmt: skip
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if t.checkpoint_every_s is not None and t.checkpoint_every_s <= 0:
+        raise ConfigError(f"train.checkpoint_every_s must be > 0, got {t.checkpoint_every_s}")
+    for key in ("steps", "epochs", "time_budget_s"):
+        value = getattr(t, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"train.{key} must be > 0, got {value}")
+    if not _DEVICE.fullmatch(t.device):
+        raise ConfigError(
+            f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {t.device!r}"
+        )
+
+
+def _check_optim(o: OptimConfig) -> None:
+    """The values as given (before the linear batch scaling), so the message quotes them."""
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+    if not 0 <= o.final_lr <= o.lr:
+        raise ConfigError(
+            f"optim.final_lr must satisfy 0 <= final_lr <= optim.lr ({o.lr}), got {o.final_lr}"
+        )
+    if o.start_lr < 0:
+        raise ConfigError(f"optim.start_lr must be >= 0, got {o.start_lr}")
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"optim.momentum must satisfy 0 <= momentum < 1, got {o.momentum}")
+    for key in ("weight_decay", "clip_grad_norm", "warmup_steps"):
+        if getattr(o, key) < 0:
+            raise ConfigError(f"optim.{key} must be >= 0, got {getattr(o, key)}")
+    if o.trust_coefficient <= 0:
+        raise ConfigError(f"optim.trust_coefficient must be > 0, got {o.trust_coefficient}")
+    for key in ("lr_batch_reference", "plateau_patience_steps", "plateau_window_steps"):
+        if getattr(o, key) < 1:
+            raise ConfigError(f"optim.{key} must be >= 1, got {getattr(o, key)}")
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -141,8 +187,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # `X | None`: X's own error says what is wrong
+            return _convert(candidates[0], value, path)
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        for arg in candidates:
             try:
                 return _convert(arg, value, path)
             except ConfigError as err:
@@ -211,10 +260,20 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
             _fail(f"{path}.{key}" if path else str(key), f"unknown config key{hint}")
         kwargs[key] = _convert(hints[key], value, f"{path}.{key}" if path else key)
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    for key in required:
+        if key not in kwargs:
+            raise ConfigError(f"{path}.{key} is required" if path else f"{key} is required")
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
+    except SpecError as err:  # a view field: name its key path (`views.groups[0].count ...`)
+        raise ConfigError(f"{path}.{err.field} {err.problem}" if path else str(err)) from None
     except (ValueError, TypeError) as err:
         _fail(path, str(err))
 
@@ -284,11 +343,13 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(
             f"config file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}"
         ) from None
+    if data is None:  # an empty run config.yaml would silently mean "all defaults"
+        raise ConfigError(f"config file {str(p)!r} is empty; it must hold a mapping of config keys")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
     return data

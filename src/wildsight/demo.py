@@ -5,6 +5,7 @@ measured in the same run: the SwAV features, the same backbone at random init, a
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from wildsight import api
 from wildsight import config as config_lib
 from wildsight.eval import format_table, knn_probe, linear_probe
 from wildsight.eval.features import PRE_LOGITS, grid_layer_names
+from wildsight.train import checkpoint
 
 DEMO_TIME_BUDGET_S = 540.0  # pretraining; the whole demo stays under 15 minutes on 2 CPU cores
 # The demo's probe searches a shorter L2 grid than `eval linear` (1e-6 ... 1) to keep the whole
@@ -36,8 +38,10 @@ FMNIST_RECIPES = {
 
 
 def pretrain_fmnist(method: str, out: str | Path, *, time_budget_s: float,
-                    train: str = "fmnist:train", overrides: dict | None = None) -> api.TrainResult:  # fmt: skip
-    """Pretrains `method` with its Fashion-MNIST recipe for `time_budget_s` seconds."""
+                    train: str = "fmnist:train", overrides: dict | None = None,
+                    resume: bool = False) -> api.TrainResult:  # fmt: skip
+    """Pretrains `method` with its Fashion-MNIST recipe for `time_budget_s` seconds (in all:
+    `resume` continues the run in `out`, and a run that has used its budget trains no more)."""
     if method not in FMNIST_RECIPES:
         raise ValueError(
             f"no Fashion-MNIST recipe for method {method!r}; choose from {sorted(FMNIST_RECIPES)}"
@@ -46,7 +50,7 @@ def pretrain_fmnist(method: str, out: str | Path, *, time_budget_s: float,
     tree = config_lib.merge(tree, {"data": {"sources": [train]},
                                    "train": {"out": str(out), "time_budget_s": time_budget_s, "steps": None}})  # fmt: skip
     tree = config_lib.merge(tree, overrides or {})
-    result = api.pretrain(config_lib.load(tree))
+    result = api.pretrain(config_lib.load(tree), resume=resume)
     if result.stopped_by in ("SIGINT", "SIGTERM"):  # the user stopped it (checkpoint saved)
         raise KeyboardInterrupt
     print(
@@ -102,9 +106,18 @@ def pretrain_summary(result: api.TrainResult, time_budget_s: float) -> dict:
 def run_demo(out: str | Path = "runs/demo", *, time_budget_s: float = DEMO_TIME_BUDGET_S,
              train: str = "fmnist:train", test: str = "fmnist:test", method: str = "swav",
              overrides: dict | None = None) -> dict:  # fmt: skip
+    if not (math.isfinite(time_budget_s) and time_budget_s > 0):
+        raise ValueError(
+            f"demo time budget must be a number of seconds > 0, got {time_budget_s}; "
+            f"leave --time-budget out for the default {DEMO_TIME_BUDGET_S:g} s"
+        )
     started = time.perf_counter()
+    # a second `make demo` continues its own run: a finished one trains no more, re-evaluated
+    resume = checkpoint.latest_checkpoint(Path(out) / "checkpoints") is not None
+    if resume:
+        print(f"{out} holds a demo run: continuing it (--resume) up to its time budget")
     result = pretrain_fmnist(
-        method, out, time_budget_s=time_budget_s, train=train, overrides=overrides
+        method, out, time_budget_s=time_budget_s, train=train, overrides=overrides, resume=resume
     )
     print("evaluating ...")
     rows = [

@@ -85,3 +85,33 @@ def test_the_real_entry_point_exits_2_without_traceback(images, tmp_path):
     done = cli(*replace(ok_args(images, tmp_path), "--batch-size", "2"), env=env)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
     assert "--batch-size >= 4" in done.stderr
+
+
+VALUE_CASES = {
+    "checkpoint every 0 steps": (["--checkpoint-every", "0"],
+                                 "train.checkpoint_every_steps must be >= 1, got 0"),
+    "negative checkpoint cadence": (["--checkpoint-every", "-2"],
+                                    "train.checkpoint_every_steps must be >= 1, got -2"),
+    "log every 0 steps": (["--set", "train.log_every_steps=0"],
+                          "train.log_every_steps must be >= 1, got 0"),
+    "negative lr (as given, not scaled)": (["--lr", "-1"], "optim.lr must be > 0, got -1.0"),
+    "nan lr": (["--lr", "nan"], "optim.lr must be a finite number, got nan"),
+    "nan momentum": (["--set", "optim.momentum=.nan"],
+                     "optim.momentum must be a finite number, got nan"),
+    "unknown device (--set)": (["--set", "train.device=gpu"],
+                               "train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    "zero crops in a view group": (["--set", "views={groups: [{count: 0, size: 16, scale: [0.3, 1]}]}"],
+                                   "views.groups[0].count must be >= 1, got 0"),
+    "crop scale reversed": (["--set", "views={groups: [{count: 2, size: 16, scale: [1.5, 0.2]}]}"],
+                            "views.groups[0].scale must satisfy 0 < lo <= hi <= 1, got [1.5, 0.2]"),
+    "no view groups": (["--set", "views={groups: []}"], "views.groups must list at least one group"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(VALUE_CASES))
+def test_a_bad_value_is_one_line_naming_the_key_and_writes_nothing(case, images, tmp_path, capsys):
+    extra, expected = VALUE_CASES[case]
+    assert main([*ok_args(images, tmp_path), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"wildsight: error: {expected}", err
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import torch
 
@@ -54,13 +55,24 @@ def resolve_config(cfg: Config) -> Config:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
+    """The device a name gives: "auto" (CUDA if there is one, else CPU), "cpu", "cuda", "cuda:N"."""
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", name):
         raise config_lib.ConfigError(
-            "train.device is 'cuda' but no CUDA device is available; use 'cpu' or 'auto'"
+            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}"
+        )
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise config_lib.ConfigError(
+            f"device {name!r} is not available here (no CUDA device); use 'cpu' or 'auto'"
         )
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise config_lib.ConfigError(
+            f"device {name!r} is not available here: this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s), numbered from 0"
+        )
+    return device
 
 
 def view_generator(seed: int, step: int, rank: int) -> torch.Generator:

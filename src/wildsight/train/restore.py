@@ -23,7 +23,14 @@ from torch import Tensor, nn
 from wildsight.config import ConfigError
 from wildsight.train import checkpoint
 
-__all__ = ["init_from", "load_for_resume", "model_tensors", "read_for_resume", "resolve_checkpoint"]
+__all__ = [
+    "check_out_folder",
+    "init_from",
+    "load_for_resume",
+    "model_tensors",
+    "read_for_resume",
+    "resolve_checkpoint",
+]
 
 # config keys that define the model: a change here means the saved weights do not fit
 ARCHITECTURE_KEYS = ("backbone.name", "backbone.small_input", "method.name")
@@ -74,6 +81,25 @@ def _describe(diffs: Mapping[str, tuple], limit: int = 6) -> str:
     shown = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(diffs.items())[:limit]]
     more = f" and {len(diffs) - limit} more" if len(diffs) > limit else ""
     return ", ".join(shown) + more
+
+
+def check_out_folder(run_dir: Path, *, resume: bool, has_budget: bool) -> None:
+    """Refuses, before anything is written, a new run into a folder that holds one (its
+    checkpoints, metrics and evaluations would be overwritten or mixed up), and a resume
+    with nothing to resume and no budget to start a new run with."""
+    ckpt_dir = run_dir / "checkpoints"
+    latest = checkpoint.latest_checkpoint(ckpt_dir)
+    if latest is not None and not resume:
+        step = int(latest.name.removeprefix("ckpt-"))
+        raise ConfigError(
+            f"{str(run_dir)!r} holds a run at step {step}; continue it with --resume, "
+            "or choose another --out / delete the folder"
+        )
+    if latest is None and resume and not has_budget:
+        why = "checkpoints/ holds no checkpoint" if ckpt_dir.is_dir() else "no checkpoints/"
+        raise ConfigError(
+            f"no run in {str(run_dir)!r} to resume ({why}); drop --resume to start a new run"
+        )
 
 
 def read_for_resume(ckpt_dir: Path, new_config: Mapping[str, Any]) -> tuple[dict, dict] | None:

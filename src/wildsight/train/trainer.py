@@ -47,6 +47,9 @@ class TrainResult:
 
 
 def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
+    t = cfg.train  # a new run over an old one, or nothing to resume: refused before any write
+    has_budget = t.online or any(v is not None for v in (t.steps, t.epochs, t.time_budget_s))
+    restore.check_out_folder(Path(t.out), resume=resume, has_budget=has_budget)
     cfg = resolve_config(cfg)
     t, o = cfg.train, cfg.optim
     run_dir = Path(t.out)

@@ -7,6 +7,7 @@ views = make_views(images, default_views(224, "swav"), generator)  # 8 float vie
 from wildsight.views.multicrop import (
     AugmentSpec,
     CropGroup,
+    SpecError,
     ViewParams,
     ViewSpec,
     apply_view,
@@ -31,6 +32,7 @@ __all__ = [
     "SEER_VIEWS",
     "SIMCLR_VIEWS",
     "SWAV_VIEWS",
+    "SpecError",
     "ViewParams",
     "ViewSpec",
     "apply_view",

@@ -24,10 +24,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _pair(value, name: str) -> tuple:
+class SpecError(ValueError):
+    """A bad field of a view spec: "crop count must be >= 1, got 0". `field` and `problem` let
+    the config loader name the key path instead: "views.groups[0].count must be >= 1, got 0"."""
+
+    def __init__(self, owner: str, field: str, problem: str):
+        super().__init__(f"{owner} {field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def _pair(value, owner: str, name: str) -> tuple:
     value = tuple(value)  # YAML gives lists; the spec stays hashable
     if len(value) != 2:
-        raise ValueError(f"{name} must be a pair (lo, hi), got {value}")
+        raise SpecError(owner, name, f"must be a pair (lo, hi), got {value}")
     return value
 
 
@@ -52,23 +61,23 @@ class AugmentSpec:
         for name in ("flip_p", "color_jitter_p", "grayscale_p", "blur_p", "solarize_p"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
-                raise ValueError(f"augment {name} must be a probability in [0, 1], got {p}")
+                raise SpecError("augment", name, f"must be a probability in [0, 1], got {p}")
         for name in ("brightness", "contrast", "saturation"):
             if getattr(self, name) < 0:
-                raise ValueError(f"augment {name} must be >= 0, got {getattr(self, name)}")
+                raise SpecError("augment", name, f"must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"augment hue must be in [0, 0.5], got {self.hue}")
-        sigma = _pair(self.blur_sigma, "augment blur_sigma")
+            raise SpecError("augment", "hue", f"must be in [0, 0.5], got {self.hue}")
+        sigma = _pair(self.blur_sigma, "augment", "blur_sigma")
         if not 0 < sigma[0] <= sigma[1]:
-            raise ValueError(f"augment blur_sigma must satisfy 0 < lo <= hi, got {sigma}")
+            raise SpecError("augment", "blur_sigma", f"must satisfy 0 < lo <= hi, got {sigma}")
         object.__setattr__(self, "blur_sigma", sigma)
         for name in ("mean", "std"):
             value = tuple(getattr(self, name))
             if len(value) != 3:
-                raise ValueError(f"augment {name} must have 3 values (RGB), got {value}")
+                raise SpecError("augment", name, f"must have 3 values (RGB), got {value}")
             object.__setattr__(self, name, value)
         if min(self.std) <= 0:
-            raise ValueError(f"augment std must be > 0, got {self.std}")
+            raise SpecError("augment", "std", f"must be > 0, got {self.std}")
 
 
 @dataclass(frozen=True)
@@ -84,15 +93,15 @@ class CropGroup:
 
     def __post_init__(self) -> None:
         if self.count < 1:
-            raise ValueError(f"crop count must be >= 1, got {self.count}")
+            raise SpecError("crop", "count", f"must be >= 1, got {self.count}")
         if self.size < 1:
-            raise ValueError(f"crop size must be >= 1 pixel, got {self.size}")
-        scale = _pair(self.scale, "crop scale")
+            raise SpecError("crop", "size", f"must be >= 1 pixel, got {self.size}")
+        scale = _pair(self.scale, "crop", "scale")
         if not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"crop scale must satisfy 0 < lo <= hi <= 1, got {scale}")
-        ratio = _pair(self.ratio, "crop ratio")
+            raise SpecError("crop", "scale", f"must satisfy 0 < lo <= hi <= 1, got {list(scale)}")
+        ratio = _pair(self.ratio, "crop", "ratio")
         if not 0 < ratio[0] <= ratio[1]:
-            raise ValueError(f"crop ratio must satisfy 0 < lo <= hi, got {ratio}")
+            raise SpecError("crop", "ratio", f"must satisfy 0 < lo <= hi, got {list(ratio)}")
         if not isinstance(self.augment, AugmentSpec):
             raise ValueError(f"crop augment must be an AugmentSpec, got {type(self.augment)}")
         object.__setattr__(self, "scale", scale)
@@ -108,7 +117,7 @@ class ViewSpec:
     def __post_init__(self) -> None:
         groups = tuple(self.groups)
         if not groups:
-            raise ValueError("view groups must hold at least one CropGroup, got none")
+            raise SpecError("view", "groups", "must list at least one group")
         for group in groups:
             if not isinstance(group, CropGroup):
                 raise ValueError(f"view groups must be CropGroups, got {type(group)}")
