@@ -14,6 +14,33 @@ import tempfile
 from pathlib import Path
 
 
+def check_file_target(path: str | Path, what: str) -> None:
+    """Refuse, before any work, a path a file cannot be written to: an existing folder, or a
+    parent that is a file. `what` names it in the one-line error (e.g. "--json")."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {str(path)!r} is a folder; give a file name, e.g. "
+                                f"{str(path / 'result.json')!r}")  # fmt: skip
+    _check_parents(path, what)
+
+
+def check_folder_target(path: str | Path, what: str) -> None:
+    """Refuse, before any work, a path a folder cannot be made at: an existing file, or a
+    parent that is a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{what} {str(path)!r} is a file; give a folder (it is created)")
+    _check_parents(path, what)
+
+
+def _check_parents(path: Path, what: str) -> None:
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"{what} {str(path)!r}: {str(parent)!r} is a file")
+            return
+
+
 def fsync_dir(folder: str | Path) -> None:
     """Flush a folder's entries (a rename inside it) to disk."""
     fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))

@@ -64,11 +64,11 @@ class SkipLog:
 
     def write(self, path: Path | str) -> None:
         """TSV `key<TAB>reason`, a line per key; temp file, fsync, rename: never half-written."""
-        lines = "".join(f"{_tsv(k)}\t{_tsv(r)}\n" for k, r in self.reasons.items())
+        lines = "".join(f"{tsv_field(k)}\t{tsv_field(r)}\n" for k, r in self.reasons.items())
         write_atomically(path, lines)
 
 
-def _tsv(text: str) -> str:
+def tsv_field(text: str) -> str:
     """A key or reason on one TSV field: backslash, tab and newlines escaped."""
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
@@ -336,11 +336,24 @@ class Loader:
                 name = repr(self.dataset.sources[k].name)  # type: ignore[union-attr]
                 self._check_skips(*counts, name, first)
 
-    def _check_skips(self, attempted: int, skipped: int, name: str, first: Skip | None) -> None:
-        if (
-            attempted >= MIN_ATTEMPTS_BEFORE_FAILING
-            and skipped > self.max_skip_fraction * attempted
-        ):
+    def check_skip_fraction(self) -> None:
+        """After a whole pass (eval, embed): the max_skip_fraction rule on the final counts,
+        for the whole dataset and each of its sources, however few images were tried."""
+        self._check_skips(self.attempted, self.skipped, self.dataset.name, self._first_skip, 0)
+        for k, counts in self.by_source.items():
+            if counts[1]:
+                name = repr(self.dataset.sources[k].name)  # type: ignore[union-attr]
+                self._check_skips(*counts, name, self._first_by_source.get(k), 0)
+
+    def _check_skips(
+        self,
+        attempted: int,
+        skipped: int,
+        name: str,
+        first: Skip | None,
+        min_attempts: int = MIN_ATTEMPTS_BEFORE_FAILING,
+    ) -> None:
+        if attempted >= max(min_attempts, 1) and skipped > self.max_skip_fraction * attempted:
             where = f" (first: {first.key}: {first.reason})" if first else ""
             raise DataError(
                 f"{skipped} of {attempted} images in {name} could not be decoded{where}; fix the "

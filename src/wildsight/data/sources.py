@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import gzip
+import hashlib
 import os
 import re
 import struct
@@ -68,14 +69,22 @@ def image_extensions() -> frozenset[str]:
 
 
 class IdxSource:
-    """IDX3 grey images held in memory: uint8 [N, 1, H, W], labels int64 [N] (-1 if absent)."""
+    """IDX3 grey images held in memory: uint8 [N, 1, H, W], labels int64 [N] (-1 if absent).
+
+    `files`: the IDX files read (absolute paths), for `fingerprint`; none = hash the pixels."""
 
     in_memory = True
 
     def __init__(
-        self, name: str, images: torch.Tensor, labels: torch.Tensor, classes: list[str] | None
+        self,
+        name: str,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        classes: list[str] | None,
+        files: Sequence[str] = (),
     ):
         self.name, self.images, self._labels, self.classes = name, images, labels, classes
+        self.files = tuple(files)
         self._pixels = images.numpy()  # the same memory
 
     def __len__(self) -> int:
@@ -182,7 +191,9 @@ def idx_source(spec: str, folder: str, split: str, classes: list[str] | None) ->
         raise DataError(f"no images found in {spec!r}: {images_name} has shape {images.shape}")
     labels_name = images_name.replace("images", "labels").replace("idx3", "idx1")
     labels = torch.full((images.shape[0],), -1, dtype=torch.int64)
+    files = [os.path.abspath(os.path.join(folder, images_name))]
     if os.path.exists(os.path.join(folder, labels_name)):
+        files.append(os.path.abspath(os.path.join(folder, labels_name)))
         raw = _read_idx(os.path.join(folder, labels_name))
         if raw.shape != (images.shape[0],):
             raise DataError(f"{labels_name} has {raw.shape} labels for {images.shape[0]} images")
@@ -192,7 +203,7 @@ def idx_source(spec: str, folder: str, split: str, classes: list[str] | None) ->
     else:
         classes = None
     pixels = torch.from_numpy(images.copy()).unsqueeze(1)  # [N, 1, H, W]
-    return IdxSource(os.path.join(folder, images_name), pixels, labels, classes)
+    return IdxSource(os.path.join(folder, images_name), pixels, labels, classes, files)
 
 
 def folder_source(spec: str, root: str) -> FileSource:
@@ -390,3 +401,43 @@ def open_dataset(
     return ImageDataset(
         sources, image_size, name=", ".join(map(repr, specs)), max_pixels=max_pixels
     )
+
+
+def _file_state(path: str) -> tuple[int, ...]:
+    """(size, mtime_ns, inode) of the file a path names (links followed); () if it has none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def fingerprint(dataset: ImageDataset | ShardDataset) -> str:
+    """A hex digest that changes when the images or labels a dataset gives change, from file
+    metadata only (nothing is decoded): every file's absolute path, size, mtime_ns and inode,
+    the labels, classes and image size. Equal specs typed in other folders differ (paths are
+    absolute). Cache keys of features are built on it (api.source_layers)."""
+    digest = hashlib.sha1()
+
+    def add(*parts: object) -> None:
+        digest.update(repr(parts).encode("utf-8", errors="surrogateescape") + b"\n")
+
+    add(type(dataset).__name__, dataset.image_size, dataset.max_pixels, dataset.classes)
+    if not isinstance(dataset, ImageDataset):  # tar shards: each shard file, index.json counts
+        add(dataset.counts, dataset.label_maps, dataset.max_bytes)
+        for path in dataset.shards:
+            add(os.path.abspath(path), _file_state(path))
+        return digest.hexdigest()
+    digest.update(dataset.labels().numpy().tobytes())
+    for source in dataset.sources:
+        add(type(source).__name__, len(source))
+        if isinstance(source, IdxSource):
+            for path in source.files:
+                add(path, _file_state(path))
+            if not source.files:
+                digest.update(source._pixels.tobytes())
+        else:
+            for i in range(len(source)):
+                path = os.path.abspath(source.key(i))
+                add(path, _file_state(path))
+    return digest.hexdigest()

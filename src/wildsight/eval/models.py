@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ class Encoder:
     config: Config
     step: int  # training step of the weights; -1 = random init
     run_dir: Path | None
+    weights_id: str = ""  # sha1 of the backbone weights loaded ("" = random init)
+    checkpoint: Path | None = None  # the ckpt-* directory the weights came from
 
     @property
     def input_size(self) -> int:
@@ -74,32 +77,87 @@ class Encoder:
 
 
 def load_encoder(run: str | Path, *, random_init: bool = False, seed: int = 0) -> Encoder:
-    """The backbone of a run directory (its latest checkpoint), built from the run's own config.
+    """The backbone of a run directory (its latest checkpoint) or of one of its
+    RUN/checkpoints/ckpt-* directories, built from the run's own config.
 
     Weights are read from safetensors only and loaded with strict=True; `random_init=True` gives
     the same architecture with freshly initialised weights (the reference row of every table).
     """
-    run_dir = Path(run)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise config_lib.ConfigError(
-            f"{str(run)!r} is not a wildsight run directory (no config.yaml); pass the --out of a pretrain run"
-        )
-    cfg = config_lib.load(config_lib.read_yaml(cfg_path))
+    run_dir, ckpt_path = _locate(run)
+    cfg = config_lib.load(config_lib.read_yaml(run_dir / "config.yaml"))
     torch.manual_seed(seed)
     backbone = build_backbone(cfg.backbone.name, small_input=bool(cfg.backbone.small_input))
-    step = -1
+    step, weights_id, ckpt = -1, "", None
     if not random_init:
-        tensors, state = checkpoint.load_checkpoint(run_dir / "checkpoints")
+        ckpt = _checkpoint_dir(ckpt_path)
+        tensors, state = checkpoint.load_checkpoint(ckpt)
         model = checkpoint.unflatten_state(tensors, state["tensor_meta"])["model"]
         prefix = "backbone."
         weights = {k[len(prefix) :]: v for k, v in model.items() if k.startswith(prefix)}
-        backbone.load_state_dict(weights, strict=True)
+        _load_strict(backbone, weights, f"run {str(run_dir)!r}: the weights of {ckpt}",
+                     f"config.yaml's backbone {cfg.backbone.name!r}")  # fmt: skip
         step = int(state["train"]["step"])
+        weights_id = _weights_id(weights)
     backbone.eval()
     if cfg.backbone.channels_last:
         backbone.to(memory_format=torch.channels_last)
-    return Encoder(backbone=backbone, config=cfg, step=step, run_dir=run_dir)
+    return Encoder(backbone=backbone, config=cfg, step=step, run_dir=run_dir,
+                   weights_id=weights_id, checkpoint=ckpt)  # fmt: skip
+
+
+_CKPT_NAME = "ckpt-"
+
+
+def _locate(run: str | Path) -> tuple[Path, Path]:
+    """(run directory, where its weights are): RUN -> (RUN, RUN/checkpoints);
+    RUN/checkpoints/ckpt-N -> (RUN, that checkpoint)."""
+    path = Path(run)
+    if (path / "config.yaml").is_file():
+        return path, path / "checkpoints"
+    root = path.parent.parent
+    if path.name.startswith(_CKPT_NAME) and path.is_dir() and (root / "config.yaml").is_file():
+        return root, path
+    raise config_lib.ConfigError(
+        f"{str(run)!r} is not a wildsight run directory (no config.yaml); pass the --out of a "
+        "pretrain run or one of its checkpoints/ckpt-* directories"
+    )
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    """The ckpt-* directory that `load_checkpoint(path)` reads (``latest`` followed), kept in
+    Encoder.checkpoint so that heads (pretrained_state) come from the same checkpoint as the
+    backbone; unresolvable = `path` (load_checkpoint then explains)."""
+    if path.name.startswith(_CKPT_NAME):
+        return path
+    latest = checkpoint.latest_checkpoint(path) if path.is_dir() else None
+    return latest if latest is not None and latest.is_dir() else path
+
+
+def _weights_id(weights: dict[str, Tensor]) -> str:
+    """sha1 of the tensors (names, dtypes, shapes, bytes): names these weights in cache keys."""
+    digest = hashlib.sha1()
+    for name in sorted(weights):
+        t = weights[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _load_strict(module: nn.Module, state: dict[str, Tensor], what: str, expected: str) -> None:
+    """module.load_state_dict(state, strict=True), a mismatch told in one line (a few keys)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                     ("other shape", shapes)) if keys]  # fmt: skip
+        raise config_lib.ConfigError(
+            f"{what} do not match {expected} ({'; '.join(parts)}); restore the config.yaml the run "
+            "was trained with, or pass the run these weights belong to"
+        )
+    module.load_state_dict(state, strict=True)
 
 
 @dataclass(frozen=True)
@@ -147,8 +205,11 @@ def align_labels(
 
 
 def pretrained_state(run_dir: str | Path) -> dict[str, Tensor]:
-    """The whole pretrained method's state dict (backbone AND heads) of a run's latest checkpoint."""
-    tensors, state = checkpoint.load_checkpoint(Path(run_dir) / "checkpoints")
+    """The whole pretrained method's state dict (backbone AND heads) of a run's latest
+    checkpoint, or of the checkpoint given (RUN/checkpoints/ckpt-N)."""
+    path = Path(run_dir)
+    ckpt = path / "checkpoints" if (path / "config.yaml").is_file() else path
+    tensors, state = checkpoint.load_checkpoint(ckpt)
     return checkpoint.unflatten_state(tensors, state["tensor_meta"])["model"]
 
 
@@ -179,7 +240,8 @@ def build_encoder(
         return backbone
     method = build_method(dataclasses.replace(cfg.method, keep_head_layers=k), backbone, cfg.views)
     if model_state is not None:
-        method.load_state_dict(model_state, strict=True)
+        _load_strict(method, model_state, "the pretrained weights",
+                     f"the config's backbone {cfg.backbone.name!r} and method {cfg.method.name!r}")  # fmt: skip
     return method.encoder()
 
 
