@@ -53,7 +53,12 @@ from wildsight.eval.models import (
 )
 from wildsight.eval.report import confusion_matrix, top1_accuracy
 from wildsight.eval.selftrain import SelfTrainConfig
-from wildsight.fileio import write_atomically, write_json
+from wildsight.fileio import (
+    check_file_target,
+    check_folder_target,
+    write_atomically,
+    write_json,
+)
 from wildsight.train.trainer import pick_device
 
 __all__ = ["distill", "eval_finetune", "eval_lowshot", "finetune_classifier"]
@@ -66,9 +71,8 @@ def finetune_classifier(
     `keep_head_layers` SimCLR v2 projection-head layers (None = the run's own setting).
     Returns (model, its input, the number of head layers kept)."""
     k = head_layers_to_keep(encoder.config, keep_head_layers)
-    state = (
-        pretrained_state(encoder.run_dir) if k and encoder.step >= 0 and encoder.run_dir else None
-    )
+    source = encoder.checkpoint or encoder.run_dir  # the heads of the backbone's own checkpoint
+    state = pretrained_state(source) if k and encoder.step >= 0 and source else None
     module = build_encoder(encoder.config, encoder.backbone, k, state)
     inputs = InputSpec.from_config(encoder.config)
     return Classifier(module, feature_dim(module, inputs), num_classes), inputs, k
@@ -118,6 +122,22 @@ def _read_partial(path: Path, settings: dict) -> list[LowshotRow]:
     return [LowshotRow(**r) for r in records]
 
 
+def _check_outputs(json_path: str | Path | None, save_dir: str | Path | None = None) -> None:
+    """Refuse unwritable output paths before training, not after it."""
+    if json_path is not None:
+        check_file_target(json_path, "json_path")
+    if save_dir is not None:
+        check_folder_target(save_dir, "save_dir")
+
+
+def _shown(classes: list[str] | None, most: int = 10) -> str:
+    """A class list for a message: the first `most` names, then how many more."""
+    if not classes:
+        return "(numbered, no names)"
+    more = f" and {len(classes) - most} more" if len(classes) > most else ""
+    return str(list(classes[:most])) + more
+
+
 def _class_names(classes: list[str] | None, num_classes: int) -> list[str]:
     return list(classes) if classes else [str(c) for c in range(num_classes)]
 
@@ -133,6 +153,7 @@ def eval_finetune(
     saved as RUN_DIR/eval/<name>.json (report rebuilt), the model in `save_dir` (a teacher for
     `distill`)."""
     started = time.perf_counter()
+    _check_outputs(json_path, save_dir)
     check_seed(seed)
     if fraction is not None:
         check_fraction(fraction)
@@ -208,6 +229,7 @@ def eval_lowshot(
     many runs at once, one process each (`run_lowshot`); each run is seeded by itself, so it
     matches the one-process call's run when both use the same threads per run."""
     started = time.perf_counter()
+    _check_outputs(json_path)
     check_plan(fractions, seeds)
     check_jobs(jobs, protocol)
     partial = result_path(run, name, ".partial.jsonl")
@@ -264,6 +286,7 @@ def distill(
     Several teacher folders teach together, their probabilities averaged (the first one's run,
     classes and labels are the reference; all must take the same input)."""
     started = time.perf_counter()
+    _check_outputs(json_path, save_dir)
     if student_checkpoint is not None and student_backbone is not None:
         raise ValueError("give --student-checkpoint or --student-backbone, not both")
     paths = [teacher] if isinstance(teacher, (str, Path)) else list(teacher)
@@ -290,7 +313,8 @@ def distill(
     size, classes = t_cfg.data.image_size, meta.get("classes")
     images = load_images(unlabelled, size, labelled=False).images
     test_y_set = load_images(test, size)
-    test_y = align_labels(classes, test_y_set, reference=f"the teacher's classes ({teacher})")
+    known = f"the teacher's classes {_shown(classes)}"
+    test_y = align_labels(classes, test_y_set, reference=known)
     labelled = None
     if config.alpha < 1.0:
         was = meta.get("labels") or {}
@@ -298,7 +322,7 @@ def distill(
         if source is None:
             raise ValueError("distillation alpha < 1 needs labelled images: pass --train SOURCE")
         lab = load_images(source, size)
-        lab_y = align_labels(classes, lab, reference=f"the teacher's classes ({teacher})")
+        lab_y = align_labels(classes, lab, reference=known)
         same = source == was.get("source") and was.get("fraction") is not None
         idx = (
             class_balanced_subset(lab_y, was["fraction"], was["seed"])
@@ -319,6 +343,11 @@ def distill(
         student = Classifier(backbone, feature_dim(backbone, s_inputs), num_classes)
     else:
         s_run = student_checkpoint or meta.get("run")
+        if student_checkpoint is not None and not (Path(s_run) / "config.yaml").is_file():
+            raise FileNotFoundError(
+                f"--student-checkpoint {str(s_run)!r} is not a pretrain run (no config.yaml in "
+                "it); pass the --out folder of `wildsight pretrain`"
+            )
         if not s_run or not (Path(s_run) / "config.yaml").is_file():
             raise FileNotFoundError(
                 f"the student starts from the teacher's pretrain run {s_run!r}, which is not there; "

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -31,8 +32,28 @@ PRETRAIN_FLAGS = {
 }  # fmt: skip
 STOP_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + signal number, as a shell reports it
 
+# `eval` flags -> the protocols that read them; a flag given to another protocol is refused
+# rather than ignored (--checkpoint, --train, --test, --json, --device and --name serve all)
+_PROBES = ("linear", "mlp", "knn", "transfer")
+_TRAINED = ("finetune", "lowshot")
+_LOWSHOT_ONLY = (
+    "fractions", "seeds", "probe", "jobs", "self_train", "unlabelled", "self_train_steps",
+    "threshold", "cutout", "ema", "distill", "distill_steps", "distill_temperature",
+    "distill_alpha", "distill_teachers", "distill_flip",
+)  # fmt: skip
+EVAL_FLAG_PROTOCOLS: dict[str, tuple[str, ...]] = {
+    "k": ("knn",), "temperature": ("knn",), "solver": ("linear", "transfer"), "layers": _PROBES,
+    "random_init": (*_PROBES, "finetune"), "fraction": ("finetune",), "seed": ("finetune",),
+    "save": ("finetune",), "keep_head_layers": _TRAINED,
+    **dict.fromkeys(("steps", "epochs", "batch_size", "lr", "weight_decay", "warmup", "precision"),
+                    _TRAINED),
+    **dict.fromkeys(_LOWSHOT_ONLY, ("lowshot",)),
+}  # fmt: skip
 
-def _parser() -> argparse.ArgumentParser:
+
+def _parser(*, only_given: bool = False) -> argparse.ArgumentParser:
+    """The argument parser; `only_given=True`: an `eval` flag the user left out is absent from
+    the namespace instead of holding its default (see `_given_eval_flags`)."""
     from wildsight.eval.distill import DEFAULT_DISTILL
     from wildsight.eval.finetune import DEFAULT_FINETUNE
     from wildsight.eval.selftrain import DEFAULT_SELF_TRAIN
@@ -197,7 +218,39 @@ def _parser() -> argparse.ArgumentParser:
     de = sub.add_parser("demo", help="SwAV on Fashion-MNIST, then probes (what `make demo` runs)")
     de.add_argument("--out", default="runs/demo")
     de.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
+    if only_given:
+        for action in ev._actions:
+            if action.option_strings and action.dest != "help":
+                action.default = argparse.SUPPRESS
     return p
+
+
+def _given_eval_flags(argv: Sequence[str] | None) -> set[str]:
+    """The dests of the `eval` flags present on the command line (defaults do not count)."""
+    return set(vars(_parser(only_given=True).parse_args(argv)))
+
+
+def check_eval_flags(protocol: str, given: set[str]) -> None:
+    """Refuse a flag that `eval PROTOCOL` would not read, naming the protocols that do."""
+    for dest in sorted(given):
+        users = EVAL_FLAG_PROTOCOLS.get(dest)
+        if users is not None and protocol not in users:
+            flag = "--" + dest.replace("_", "-")
+            where = " / ".join(f"`eval {u}`" for u in users)
+            raise ValueError(f"`eval {protocol}` does not use {flag}: it is a flag of {where}")
+
+
+def check_output_paths(args: argparse.Namespace) -> None:
+    """Refuse an output path that cannot be written before any work starts: --json must name
+    a file (not a folder), --save a folder (not a file)."""
+    from wildsight.fileio import check_file_target, check_folder_target
+
+    if args.command not in ("eval", "distill"):
+        return
+    if args.json:
+        check_file_target(args.json, "--json")
+    if args.save:
+        check_folder_target(args.save, "--save")
 
 
 def pretrain_tree(args: argparse.Namespace) -> dict:
@@ -236,9 +289,17 @@ def pretrain_tree(args: argparse.Namespace) -> dict:
     return tree
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
+    return f"wildsight: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning  # type: ignore[assignment]  # no source lines
     args = _parser().parse_args(argv)
     try:
+        if args.command == "eval":
+            check_eval_flags(args.protocol, _given_eval_flags(argv))
+        check_output_paths(args)
         return _run(args)
     except (ValueError, OSError, RuntimeError) as err:  # one line, exit code 2
         print(f"wildsight: error: {err}", file=sys.stderr)
@@ -303,7 +364,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         from wildsight.demo import DEMO_TIME_BUDGET_S, run_demo
 
-        run_demo(args.out, time_budget_s=args.time_budget or DEMO_TIME_BUDGET_S)
+        budget = DEMO_TIME_BUDGET_S if args.time_budget is None else args.time_budget
+        run_demo(args.out, time_budget_s=budget)
     return 0
 
 

@@ -16,6 +16,7 @@ import base64
 import io
 import json
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from html import escape
 from pathlib import Path
@@ -56,13 +57,32 @@ def save_result(run_dir: str | Path, name: str, doc: Mapping[str, Any]) -> Path:
 
 
 def load_results(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every RUN_DIR/eval/*.json, sorted by file name, each with its ``name`` (the file stem)."""
-    docs = []
-    for path in sorted((Path(run_dir) / EVAL_DIR).glob("*.json")):
-        doc = json.loads(path.read_text(encoding="utf-8"))
+    """Every RUN_DIR/eval/*.json, sorted by file name, each with its ``name`` (the file stem).
+    A file that is not a result document (broken JSON, another JSON) is left out with a warning
+    naming it, so one damaged file does not stop the report or the eval that rebuilds it."""
+    return _read_results(Path(run_dir))[0]
+
+
+def _read_results(run_dir: Path) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """(result documents, [(file name, why it was left out)])."""
+    docs, unreadable = [], []
+    for path in sorted((run_dir / EVAL_DIR).glob("*.json")):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            unreadable.append((path.name, f"{type(err).__name__}: {err}"))
+            warnings.warn(f"left out of the report: {path} is not readable JSON ({err}); "
+                          "delete it or rerun the eval that wrote it", stacklevel=3)  # fmt: skip
+            continue
         if isinstance(doc, dict) and isinstance(doc.get("rows"), list):
             docs.append({"name": path.stem, **doc})
-    return docs
+    return docs, unreadable
+
+
+def is_run_dir(folder: str | Path) -> bool:
+    """A pretrain run's folder: it holds config.yaml, checkpoints/ or eval/."""
+    folder = Path(folder)
+    return any((folder / part).exists() for part in ("config.yaml", "checkpoints", EVAL_DIR))
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -72,6 +92,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise FileNotFoundError(
             f"no run directory {str(run_dir)!r}; pass the --out of a pretrain run"
         )
+    if not is_run_dir(run_dir):
+        raise FileNotFoundError(
+            f"{str(run_dir)!r} is not a run directory (no config.yaml, checkpoints/ or eval/); "
+            "pass the --out of a pretrain run"
+        )
     path = Path(out) if out is not None else run_dir / REPORT_NAME
     _write_text(path, build_report(run_dir))
     return path
@@ -80,8 +105,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 def build_report(run_dir: str | Path) -> str:
     """The HTML text of the report of ``run_dir`` (see the module docstring for the sources)."""
     run_dir = Path(run_dir)
-    docs = load_results(run_dir)
-    sections = [_training_section(run_dir), _results_section(docs), _layers_section(docs),
+    docs, unreadable = _read_results(run_dir)
+    sections = [_training_section(run_dir), _results_section(docs, unreadable), _layers_section(docs),
                 _fraction_section(docs), _confusion_section(docs), _neighbours_section(docs)]  # fmt: skip
     body = "\n".join(s for s in sections if s)
     return (
@@ -115,12 +140,14 @@ def _training_section(run_dir: Path) -> str:
     )
 
 
-def _results_section(docs: list[dict[str, Any]]) -> str:
-    if not docs:
-        return (
-            '<h2 id="results">Results</h2><p>No evaluation results yet (RUN_DIR/eval/*.json).</p>'
-        )
+def _results_section(docs: list[dict[str, Any]], unreadable: Sequence[tuple[str, str]] = ()) -> str:
     parts = ['<h2 id="results">Results</h2>']
+    if unreadable:
+        items = "".join(f"<li>eval/{escape(name)}: {escape(why)}</li>" for name, why in unreadable)
+        parts.append(f"<p>Left out, not readable as JSON:</p><ul>{items}</ul>")
+    if not docs:
+        parts.append("<p>No evaluation results yet (RUN_DIR/eval/*.json).</p>")
+        return "\n".join(parts)
     for doc in docs:
         meta = {k: doc[k] for k in ("protocol", "train", "test", "pretrained_on", "checkpoint_step",
                                     "solver", "elapsed_s") if doc.get(k) is not None}  # fmt: skip

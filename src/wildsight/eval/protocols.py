@@ -41,14 +41,30 @@ class LabelledFeatures:
 
 
 def align_classes(train: LabelledFeatures, test: LabelledFeatures) -> LabelledFeatures:
-    """test with labels renumbered into train's classes, matched by name; a test class unknown
-    to train gets a new index after train's (its images can only be errors)."""
+    """test with labels renumbered into train's classes, matched by name. Both sources must be
+    labelled, and every test class must occur in train: a probe cannot predict a class it never
+    saw, so such test images could only count as errors (fine-tuning refuses them alike)."""
+    for side in (train, test):
+        if side.labels.numel() == 0:
+            raise ValueError(f"{side.source!r} holds no image to probe on; check the path")
+        unknown = int((side.labels < 0).sum())
+        if unknown:
+            raise ValueError(
+                f"{side.source!r}: {unknown:,} of {side.labels.numel():,} images have no label; "
+                "a probe needs labelled sources (class sub-folders, a list of path<TAB>label, "
+                "or fmnist:train / fmnist:test)"
+            )
     if test.classes == train.classes:
         return test
-    names = list(train.classes) + [c for c in test.classes if c not in train.classes]
-    remap = torch.tensor([names.index(c) for c in test.classes], dtype=torch.long)  # [C_test]
-    labels = torch.where(test.labels >= 0, remap[test.labels.clamp(min=0)], test.labels)
-    return replace(test, labels=labels, classes=names)
+    missing = [c for c in test.classes if c not in train.classes]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(
+            f"classes {missing[:5]}{more} of the test source {test.source!r} do not occur in the "
+            f"training source {train.source!r}; test on images of the training classes"
+        )
+    remap = torch.tensor([train.classes.index(c) for c in test.classes], dtype=torch.long)
+    return replace(test, labels=remap[test.labels], classes=list(train.classes))
 
 
 def run_probes(

@@ -84,6 +84,10 @@ def test_report_is_self_contained_with_every_section(tmp_path: Path) -> None:
 
 
 def test_a_run_without_results_still_gets_a_page(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="is not a run directory"):
+        write_report(tmp_path)  # an empty folder is not a run: nothing is written into it
+    assert not (tmp_path / "report.html").exists()
+    (tmp_path / "config.yaml").write_text("{}\n")  # what a pretrain run writes first
     html = write_report(tmp_path).read_text()
     assert "No evaluation results yet" in html and "No metrics.jsonl" in html
     with pytest.raises(FileNotFoundError, match="no run directory"):
