@@ -314,12 +314,17 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "pretrain":
         tree = pretrain_tree(args)
-        if args.resume and args.out and not args.config:
-            if (
-                Path(args.out) / "config.yaml"
-            ).exists():  # resume = the run's own config + new flags
-                tree = config_lib.merge(config_lib.read_yaml(args.out), tree)
-        result = api.pretrain(config_lib.load(tree), resume=args.resume)
+        run_config = Path(args.out or ".") / "config.yaml"
+        if args.resume and args.out and not args.config and run_config.exists():
+            # resume = the run's own config + new flags; an error of the file itself names it
+            saved = config_lib.read_yaml(args.out)
+            try:
+                config_lib.load(saved)
+            except config_lib.ConfigError as err:
+                raise config_lib.ConfigError(f"{run_config}: {err}") from None
+            tree = config_lib.merge(saved, tree)
+        cfg = config_lib.load(tree)
+        result = api.pretrain(cfg, resume=args.resume)
         print(f"done: {result.steps} steps, {result.images_per_s:.0f} img/s, last loss {result.last_loss:.4f}; "
               f"run in {result.run_dir}")  # fmt: skip
         if result.stopped_by in STOP_EXIT_CODES:  # preempted: checkpoint saved, --resume goes on

@@ -100,6 +100,22 @@ def test_resume_with_an_empty_run_config_names_the_file(finished, tmp_path, caps
     assert snapshot(run) == before
 
 
+def test_resume_with_a_bad_key_in_the_run_config_names_the_file_and_the_key(
+    finished, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    tree = yaml.safe_load((run / "config.yaml").read_text())
+    tree["train"]["chekpoint_every_steps"] = 5  # a hand edit with a typo
+    (run / "config.yaml").write_text(yaml.safe_dump(tree))
+    before = snapshot(run)
+    assert main(["pretrain", "--out", str(run), "--resume"]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"wildsight: error: {run / 'config.yaml'}: ")
+    assert "train.chekpoint_every_steps" in err and "checkpoint_every_steps" in err
+    assert snapshot(run) == before
+
+
 @pytest.mark.parametrize("value", ["0", "-2"])
 def test_a_zero_checkpoint_cadence_is_refused_before_the_run_config_changes(
     finished, tmp_path, capsys, value
