@@ -418,6 +418,10 @@ def _run_finetune(args: argparse.Namespace) -> None:
                   if getattr(args, k) is not None]  # fmt: skip
     if self_flags and not args.self_train:
         raise ValueError(f"{' '.join(self_flags).replace('_', '-')} need --self-train")
+    for flag in ("self_train_steps", "distill_steps"):  # named here, not as "fine-tuning steps"
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.unlabelled is not None and not (args.self_train or args.distill):
         raise ValueError("--unlabelled is the images of --self-train or --distill: add one")
     if args.self_train and (args.protocol != "lowshot" or args.probe):

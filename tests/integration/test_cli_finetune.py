@@ -205,6 +205,8 @@ def test_lowshot_distillation_teaches_a_fresh_model_from_the_last_one(
         (["finetune", "--jobs", "2"], "eval lowshot"),
         (["finetune", "--keep-head-layers", "1"], "head"),
         (["finetune", "--steps", "0"], "steps"),
+        (["lowshot", "--self-train", "--self-train-steps", "0"], "--self-train-steps must be >= 1"),
+        (["lowshot", "--distill", "--distill-steps", "-1"], "--distill-steps must be >= 1"),
     ],  # fmt: skip
 )
 def test_bad_values_are_one_line_errors(run: tuple[Path, Path], capsys, extra: list[str],
