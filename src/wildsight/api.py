@@ -320,6 +320,9 @@ def _labelled(
                                          batch_size=512, cache_dir=None, skip_log=skips)  # fmt: skip
     classes = list(dataset.classes or [str(c) for c in range(int(labels.max()) + 1)])
 
+    if not isinstance(dataset, ImageDataset):  # tar shards are read in order, not by index:
+        return LabelledFeatures(source, feats, labels, classes)  # no nearest-neighbour grid
+
     def image(row: int) -> torch.Tensor:
         loaded = dataset.load(int(rows[row]))
         assert isinstance(loaded, torch.Tensor)  # rows index images that decoded before

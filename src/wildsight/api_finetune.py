@@ -17,6 +17,8 @@ import torch
 
 from wildsight import config as config_lib
 from wildsight.backbones import build_backbone
+from wildsight.data import open_dataset
+from wildsight.data.sources import fingerprint
 from wildsight.eval.distill import DEFAULT_DISTILL, DistillConfig
 from wildsight.eval.distill import distill as distill_classifier
 from wildsight.eval.finetune import (
@@ -117,8 +119,13 @@ def _read_partial(path: Path, settings: dict) -> list[LowshotRow]:
                          f"another --name")  # fmt: skip
     records = parsed[1:]
     if head != settings:
-        raise ValueError(f"{path} holds runs of a low-shot call with other settings; rerun that "
-                         f"call to finish it, or pass another --name")  # fmt: skip
+        differ = sorted(k for k in head.keys() | settings.keys() if head.get(k) != settings.get(k))
+        if "source_fingerprints" in differ or "weights_id" in differ:
+            why = "the images or the weights changed since"
+        else:
+            why = f"other settings: {', '.join(differ)}"
+        raise ValueError(f"{path} holds runs of a low-shot call with {why}; rerun that call to "
+                         "finish it, pass another --name, or delete the file to start over")  # fmt: skip
     return [LowshotRow(**r) for r in records]
 
 
@@ -127,7 +134,7 @@ def _check_outputs(json_path: str | Path | None, save_dir: str | Path | None = N
     if json_path is not None:
         check_file_target(json_path, "json_path")
     if save_dir is not None:
-        check_folder_target(save_dir, "save_dir")
+        check_folder_target(save_dir, "save_dir", own_file="classifier.json")
 
 
 def _shown(classes: list[str] | None, most: int = 10) -> str:
@@ -179,10 +186,12 @@ def eval_finetune(
                test_y, result.predictions, range(len(classes)))},
            "elapsed_s": time.perf_counter() - started}  # fmt: skip
     if name is None:
-        name = (
+        name = (  # runs that differ in labels, init or head layers do not overwrite each other
             "finetune"
             + (f"-{fraction:g}" if fraction else "")
+            + (f"-seed{seed}" if seed and fraction else "")
             + ("-random-init" if random_init else "")
+            + (f"-head{k}" if keep_head_layers is not None else "")
         )
     save_result(run, name, doc)
     if json_path is not None:
@@ -237,8 +246,13 @@ def eval_lowshot(
     train_set, test_set, test_y = _labelled_sets(train, test, encoder.config.data.image_size)
     k = head_layers_to_keep(encoder.config, keep_head_layers)
 
+    size = encoder.config.data.image_size
+    # what the kept runs were made of: a changed source or retrained weights refuse them
+    files = {name: fingerprint(open_dataset([src], size))
+             for name, src in (("train", train), ("test", test), ("unlabelled", unlabelled)) if src}  # fmt: skip
     settings = {"protocol": "lowshot", "evaluation": protocol, "checkpoint": str(run),
-                "checkpoint_step": encoder.step, "train": train, "test": test,
+                "checkpoint_step": encoder.step, "weights_id": encoder.weights_id,
+                "source_fingerprints": files, "train": train, "test": test,
                 "fractions": list(fractions), "seeds": seeds, "keep_head_layers": k,
                 "finetune": dataclasses.asdict(config) if protocol == "finetune" else None,
                 "self_training": None if self_training is None else {
@@ -292,6 +306,9 @@ def distill(
     paths = [teacher] if isinstance(teacher, (str, Path)) else list(teacher)
     if not paths:
         raise ValueError("distillation needs a teacher: --teacher DIR (of `eval finetune --save`)")
+    if train is not None and config.alpha >= 1.0:
+        raise ValueError("--train gives the labelled images of a distillation with --alpha < 1; "
+                         f"with alpha {config.alpha:g} no label is used: drop --train or lower --alpha")  # fmt: skip
     if config.teachers != 1:
         raise ValueError(f"DistillConfig.teachers={config.teachers} is how many teachers `eval "
                          "lowshot` trains; give `distill` its teachers as folders (--teacher DIR "
@@ -371,7 +388,8 @@ def distill(
             rows.append({"model": f"teacher {path}", "features": meta_i.get("checkpoint"),
                          "top1": top1_accuracy(pred, test_y)})  # fmt: skip
     doc = {"protocol": "distill", "teacher": names, "student": student_name,
-           "unlabelled": unlabelled, "test": test, "train": meta.get("labels", {}).get("source"),
+           "unlabelled": unlabelled, "test": test,
+           "train": None if labelled is None else (train or meta.get("labels", {}).get("source")),
            "rows": [*rows, {"model": "student", "features": student_name, "top1": result.top1}],
            **result.to_dict(), "elapsed_s": time.perf_counter() - started}  # fmt: skip
     if meta.get("run") and Path(meta["run"]).is_dir():

@@ -250,7 +250,7 @@ def check_output_paths(args: argparse.Namespace) -> None:
     if args.json:
         check_file_target(args.json, "--json")
     if args.save:
-        check_folder_target(args.save, "--save")
+        check_folder_target(args.save, "--save", own_file="classifier.json")
 
 
 def pretrain_tree(args: argparse.Namespace) -> dict:

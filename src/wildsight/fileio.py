@@ -24,12 +24,16 @@ def check_file_target(path: str | Path, what: str) -> None:
     _check_parents(path, what)
 
 
-def check_folder_target(path: str | Path, what: str) -> None:
+def check_folder_target(path: str | Path, what: str, *, own_file: str | None = None) -> None:
     """Refuse, before any work, a path a folder cannot be made at: an existing file, or a
-    parent that is a file."""
+    parent that is a file; with `own_file`, also a folder that holds other things but not
+    that file (an image folder, a run): only an empty folder or one of our own is written to."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{what} {str(path)!r} is a file; give a folder (it is created)")
+    if own_file and path.is_dir() and any(path.iterdir()) and not (path / own_file).exists():
+        raise FileExistsError(f"{what} {str(path)!r} holds other files and no {own_file}; give "
+                              "a new or empty folder")  # fmt: skip
     _check_parents(path, what)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,8 @@ def test_finetune_then_distill(run: tuple[Path, Path], tmp_path: Path, capsys) -
     assert doc["labels"] == {"source": str(folder), "fraction": 0.5, "seed": 1, "num_labels": 24}
     assert doc["rows"][0]["num_train"] == 24 and doc["rows"][0]["num_test"] == 48
     assert sum(map(sum, doc["confusion"]["counts"])) == 48
-    assert (out / "eval" / "finetune-0.5.json").is_file() and (out / "report.html").is_file()
+    # the seed is in the name: another seed's result does not overwrite this one
+    assert (out / "eval" / "finetune-0.5-seed1.json").is_file() and (out / "report.html").is_file()
     assert "fine-tune" in capsys.readouterr().out
 
     args = ["distill", "--teacher", str(teacher), "--unlabelled", str(folder), "--test", str(folder),
@@ -280,6 +282,12 @@ def test_an_interrupted_lowshot_call_keeps_its_finished_runs_and_the_same_call_r
     kept = {(r["model"], r["seed"]): r["top1"] for r in lines[1:]}
     with pytest.raises(ValueError, match="other settings"):  # never overwritten by another call
         api_finetune.eval_lowshot(out, str(folder), str(folder), **{**kwargs, "seeds": 1})
+    image = next(folder.rglob("*.png"))  # an image rewritten since: the kept runs are stale
+    st = image.stat()
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match="the images or the weights changed since"):
+        api_finetune.eval_lowshot(out, str(folder), str(folder), **kwargs)
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))  # as it was: the runs fit again
     crash, calls[:] = False, []
     doc = api_finetune.eval_lowshot(out, str(folder), str(folder), **kwargs)
     assert len(calls) == 2 and len(doc["runs"]) == 4

@@ -5,6 +5,7 @@ or with classes the probe never saw, a folder that is not a run, a damaged resul
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,67 @@ def test_distill_names_a_student_checkpoint_that_is_not_a_run(
                  str(unseen), "--steps", "2"]) == 2  # fmt: skip
     err = one_line_error(capsys)
     assert "['class2']" in err and "['class0', 'class1']" in err and str(teacher) not in err
+    base = ["distill", "--teacher", str(teacher), "--unlabelled", str(folder), "--test",
+            str(folder), "--steps", "2", "--batch-size", "8"]  # fmt: skip
+    other = tmp_path / "labelled"
+    write_images(other, 8, seed=5)
+    assert main([*base, "--train", str(other)]) == 2  # alpha 1 would ignore the labels
+    assert "--train gives the labelled images of a distillation with --alpha < 1" in (
+        one_line_error(capsys)
+    )
+    report = tmp_path / "d.json"
+    assert main([*base, "--train", str(other), "--alpha", "0.5", "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["train"] == str(other)  # the labels it learnt from
+
+
+def test_a_damaged_teacher_folder_is_one_line_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], run: tuple[Path, Path]
+) -> None:
+    out, folder = run
+    good = tmp_path / "teacher"
+    assert main(["eval", "finetune", "--checkpoint", str(out), "--train", str(folder), "--test",
+                 str(folder), "--steps", "2", "--batch-size", "8", "--save", str(good)]) == 0  # fmt: skip
+    meta = json.loads((good / "classifier.json").read_text())
+    damages = {
+        "cut json": ("classifier.json", (good / "classifier.json").read_text()[:200]),
+        "no config": ("classifier.json", json.dumps({k: v for k, v in meta.items() if k != "config"})),
+        "cut weights": ("model.safetensors", (good / "model.safetensors").read_bytes()[:100]),
+        "random weights": ("model.safetensors", bytes(range(256)) * 8),
+    }  # fmt: skip
+    for name, (file, content) in damages.items():
+        bad = tmp_path / name.replace(" ", "-")
+        shutil.copytree(good, bad)
+        target = bad / file
+        target.write_bytes(content.encode() if isinstance(content, str) else content)
+        assert main(["distill", "--teacher", str(bad), "--unlabelled", str(folder), "--test",
+                     str(folder), "--steps", "2"]) == 2, name  # fmt: skip
+        err = one_line_error(capsys)
+        assert str(target) in err and "--save DIR" in err, (name, err)
+
+
+def test_save_refuses_a_folder_of_other_files_but_replaces_its_own_classifier(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], run: tuple[Path, Path]
+) -> None:
+    out, folder = run
+    data = ["--checkpoint", str(out), "--train", str(folder), "--test", str(folder), "--steps",
+            "2", "--batch-size", "8"]  # fmt: skip
+    before = files_of(folder)
+    assert main(["eval", "finetune", *data, "--save", str(folder)]) == 2  # the image folder
+    assert "holds other files and no classifier.json" in one_line_error(capsys)
+    assert files_of(folder) == before
+    mine = tmp_path / "mine"
+    assert main(["eval", "finetune", *data, "--save", str(mine)]) == 0
+    assert main(["eval", "finetune", *data, "--save", str(mine), "--seed", "1"]) == 0  # again
+    assert json.loads((mine / "classifier.json").read_text())["labels"]["seed"] == 1
+
+
+def test_init_from_and_resume_together_are_refused_on_a_run_with_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], run: tuple[Path, Path]
+) -> None:
+    out, folder = run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = files_of(copy)
+    assert main(["pretrain", "--out", str(copy), "--resume", "--init-from", str(out)]) == 2
+    assert "give one of them" in one_line_error(capsys)
+    assert files_of(copy) == before

@@ -45,3 +45,20 @@ def test_kill_and_resume_on_shards_equals_uninterrupted(image_folder, tmp_path, 
     assert state["loader"]["slots"]["0"]["done"] == 32
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_frozen_feature_evals_read_labelled_shards_as_the_folder_they_came_from(
+    image_folder, tmp_path
+):
+    """Shards packed from a labelled folder give the same features, labels and probe result as
+    the folder (the nearest-neighbour grid, which needs images by index, is left out)."""
+    shards = tmp_path / "shards"
+    write_shards([str(image_folder)], shards, shard_size=8)
+    run = tmp_path / "run"
+    api.pretrain(config.load(tiny_tree(image_folder, run, steps=2)))
+    from_shards = api.eval_knn(run, str(shards), str(image_folder), ks=[5], name="shards")
+    from_folder = api.eval_knn(run, str(image_folder), str(image_folder), ks=[5], name="folder")
+    assert (run / "eval" / "shards.json").is_file() and "neighbours" not in from_shards
+    assert "neighbours" in from_folder
+    assert from_shards["top1"] == from_folder["top1"]
+    assert from_shards["confusion"] == from_folder["confusion"]

@@ -19,7 +19,9 @@ import io
 import json
 import multiprocessing
 import os
+import signal
 import tarfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,12 +86,17 @@ _WORKER_SOURCES: list[Source] = []
 
 
 def _init_worker(sources: list[Source]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process stops the pool
     _WORKER_SOURCES[:] = sources
 
 
 def _prepare_in_worker(task: tuple[int, int, str, int]) -> tuple[str, bytes] | Skip:
     k, i, reencode, max_pixels = task
     return prepare(_WORKER_SOURCES[k], i, reencode, max_pixels)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _prepared(
@@ -167,13 +174,19 @@ def write_shards(
     classes, labels = _merge_classes(sources)  # labels: int64 [N] over all sources
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / INDEX_NAME).exists() or any(out.glob("shard-*.tar")):
+    if (out / INDEX_NAME).exists():
         raise DataError(f"{out} already holds shards; choose an empty --out or delete them")
+    if any(out.glob("shard-*.tar")):
+        raise DataError(f"{out} holds shards but no {INDEX_NAME}: an earlier pack was cut short; "
+                        "delete its shard-*.tar files and pack again, or choose an empty --out")  # fmt: skip
     skips, names, counts, sizes = SkipLog(), [], [], []
     writer: _ShardWriter | None = None
     total, first_of = 0, [0]
     for s in sources:
         first_of.append(first_of[-1] + len(s))
+    on_term = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM cleans up as Ctrl-C
+        on_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         for k, i, prepared in _prepared(sources, reencode, max_pixels, workers):
             if isinstance(prepared, Skip):
@@ -203,6 +216,8 @@ def write_shards(
     finally:
         if writer is not None:
             writer.abort()
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
     if total == 0:
         raise DataError(
             f"no image of {', '.join(map(repr, specs))} could be decoded "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import signal
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -239,6 +240,7 @@ _WORKER: dict[str, Any] = {}  # a --jobs worker process's arguments of _finetune
 
 
 def _worker_start(threads: int, arguments: dict[str, Any]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process stops the pool
     torch.set_num_threads(threads)
     _WORKER.update(arguments)
 

@@ -143,7 +143,11 @@ def _weights_id(weights: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _load_strict(module: nn.Module, state: dict[str, Tensor], what: str, expected: str) -> None:
+def _load_strict(
+    module: nn.Module, state: dict[str, Tensor], what: str, expected: str,
+    remedy: str = "restore the config.yaml the run was trained with, or pass the run these "
+    "weights belong to",
+) -> None:  # fmt: skip
     """module.load_state_dict(state, strict=True), a mismatch told in one line (a few keys)."""
     own = module.state_dict()
     missing = [k for k in own if k not in state]
@@ -154,8 +158,7 @@ def _load_strict(module: nn.Module, state: dict[str, Tensor], what: str, expecte
                  for label, keys in (("missing", missing), ("unexpected", unexpected),
                                      ("other shape", shapes)) if keys]  # fmt: skip
         raise config_lib.ConfigError(
-            f"{what} do not match {expected} ({'; '.join(parts)}); restore the config.yaml the run "
-            "was trained with, or pass the run these weights belong to"
+            f"{what} do not match {expected} ({'; '.join(parts)}); {remedy}"
         )
     module.load_state_dict(state, strict=True)
 
@@ -271,14 +274,32 @@ def load_classifier(path: str | Path) -> tuple[Classifier, InputSpec, dict[str, 
             f"{str(path)!r} holds no fine-tuned classifier (no classifier.json); write one with "
             "`wildsight eval finetune ... --save DIR`"
         )
-    meta = json.loads(doc_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{doc_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    redo = "write it again with `wildsight eval finetune ... --save DIR`"
+    try:
+        meta = json.loads(doc_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{doc_path} is not readable JSON ({err}); {redo}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{doc_path} has format {found!r}, expected {FORMAT!r}")
+    missing = sorted({"config", "keep_head_layers", "feature_dim", "num_classes"} - set(meta))
+    if missing:
+        raise ValueError(f"{doc_path} lacks {missing}; {redo}")
     cfg = config_lib.load(meta["config"])
     backbone = build_backbone(cfg.backbone.name, small_input=bool(cfg.backbone.small_input))
     encoder = build_encoder(cfg, backbone, int(meta["keep_head_layers"]), model_state=None)
     model = Classifier(encoder, int(meta["feature_dim"]), int(meta["num_classes"]))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"{str(folder)!r} has classifier.json but no model.safetensors; {redo}"
+        )
+    try:
+        state = load_file(str(weights))
+    except Exception as err:  # safetensors' own error type: a damaged or foreign file
+        raise ValueError(f"{weights} is not a readable safetensors file ({err}); {redo}") from None
+    _load_strict(model, state, f"the weights in {weights}", "the classifier classifier.json "
+                 "describes", remedy=redo)  # fmt: skip
     inputs = InputSpec.from_config(cfg)
     if inputs.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -50,6 +50,11 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
     t = cfg.train  # a new run over an old one, or nothing to resume: refused before any write
     has_budget = t.online or any(v is not None for v in (t.steps, t.epochs, t.time_budget_s))
     restore.check_out_folder(Path(t.out), resume=resume, has_budget=has_budget)
+    if resume and t.init_from and checkpoint.latest_checkpoint(Path(t.out) / "checkpoints"):
+        raise config_lib.ConfigError(
+            f"--resume continues the run in {t.out!r} from its own checkpoint and --init-from "
+            "starts a new run from other weights: give one of them"
+        )
     cfg = resolve_config(cfg)
     t, o = cfg.train, cfg.optim
     run_dir = Path(t.out)

@@ -360,6 +360,39 @@ def test_bad_shard_specs_fail_in_one_line(tmp_path, packed):
     os.remove(out / "index.json")
     with pytest.raises(DataError, match="epoch length is unknown"):
         len(Loader(open_dataset([str(out)], SIZE), batch_size=2, seed=0))
+    with pytest.raises(DataError, match="no index.json: an earlier pack was cut short"):
+        write_shards([str(out.parent / "images")], out, shard_size=3)
+
+
+def test_sigterm_while_packing_leaves_whole_shards_only_and_restores_the_handler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scheduler's SIGTERM in the middle of a shard: the shards already closed stay, the one
+    being written is removed (no .tmp left), and the process's SIGTERM handler is restored."""
+    import signal
+
+    from wildsight.data import pack
+
+    good, _ = messy_folder(tmp_path / "images")
+    assert len(good) > 6
+    real, calls = pack.prepare, []
+
+    def prepare_then_term(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pack, "prepare", prepare_then_term)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "s"
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        write_shards([str(tmp_path / "images")], out, shard_size=2)
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert not list(out.glob(".*")) and not (out / "index.json").exists()
+    for shard in out.glob("shard-*.tar"):  # each one complete
+        with tarfile.open(shard) as tar:
+            assert len({m.name.split(".")[0] for m in tar.getmembers()}) == 2
 
 
 def test_cli_packs_and_reports(tmp_path, capsys):
