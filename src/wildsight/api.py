@@ -13,14 +13,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from wildsight.api_finetune import distill, eval_finetune, eval_lowshot, finetune_classifier
 from wildsight.config import DataConfig
@@ -52,7 +51,13 @@ from wildsight.eval.protocols import (
     result_document,
     run_probes,
 )
-from wildsight.fileio import check_file_target, write_json
+from wildsight.fileio import (
+    check_file_target,
+    save_tensors,
+    write_atomically,
+    write_atomically_with,
+    write_json,
+)
 from wildsight.train.trainer import TrainResult, pick_device, pretrain
 
 DEFAULT_MAX_SKIP_FRACTION = DataConfig().max_skip_fraction  # what pretrain uses
@@ -183,7 +188,7 @@ def _source_layers(
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
         try:
-            save_file({"features": feats[layer].contiguous(), "labels": labels.contiguous(),
+            save_tensors({"features": feats[layer].contiguous(), "labels": labels.contiguous(),
                        "indices": rows.contiguous()}, str(tmp), metadata={"skipped": listed})  # fmt: skip
             tmp.replace(cache)
         finally:
@@ -384,24 +389,9 @@ def embed(
             feats = extract_features(module, images, transform=encoder.transform,
                                      device=run_device)  # fmt: skip
     keys = "".join(f"{tsv_field(dataset.key(int(i)))}\n" for i in rows)
-    _write_replacing(keys_path, lambda f: f.write(keys.encode("utf-8", "surrogateescape")))
-    _write_replacing(out, lambda f: np.save(f, feats.numpy()))
+    write_atomically(keys_path, keys)
+    write_atomically_with(out, lambda f: np.save(f, feats.numpy()))
     return tuple(feats.shape)  # type: ignore[return-value]
-
-
-def _write_replacing(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """write(file) into a temporary file beside `path` (mode as umask allows), then one rename:
-    no half-written file and no temporary file left behind, whatever fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # re-exported: `from wildsight.api import pretrain, TrainResult, eval_finetune, ...`

@@ -122,7 +122,7 @@ class Config:
             raise ConfigError("data.sources is empty; pass --data SOURCE")
 
 
-_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # train.device
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # train.device, --device
 
 
 def _check_train(t: TrainConfig) -> None:
@@ -144,7 +144,7 @@ def _check_train(t: TrainConfig) -> None:
         value = getattr(t, key)
         if value is not None and value <= 0:
             raise ConfigError(f"train.{key} must be > 0, got {value}")
-    if not _DEVICE.fullmatch(t.device):
+    if not DEVICE_PATTERN.fullmatch(t.device):
         raise ConfigError(
             f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {t.device!r}"
         )

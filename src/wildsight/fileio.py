@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
 def check_file_target(path: str | Path, what: str) -> None:
@@ -54,17 +56,41 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask (files and folders made by mkstemp/mkdtemp get it applied by hand)."""
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file (which makes the file 0600), then the mode open() would give."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def write_atomically(path: str | Path, data: bytes | str) -> Path:
     """Replace `path` with `data` (str is written as UTF-8, undecodable file names kept as
     surrogate escapes) in one rename; parent folders are created. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(data, str):
         data = data.encode("utf-8", errors="surrogateescape")
+    return write_atomically_with(path, lambda f: f.write(data))
+
+
+def write_atomically_with(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """write(file) into a temporary file beside `path`, fsync, one rename over `path`, fsync
+    the folder (for large outputs streamed by a writer, e.g. `np.save`). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            os.fchmod(
+                f.fileno(), 0o666 & ~current_umask()
+            )  # as open() would make it, not mkstemp's 0600
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from wildsight import config as config_lib
@@ -38,7 +38,7 @@ from wildsight.backbones import Backbone, build_backbone
 from wildsight.config import Config
 from wildsight.data import Loader, open_dataset
 from wildsight.eval.finetune import Classifier, InputSpec
-from wildsight.fileio import write_json
+from wildsight.fileio import save_tensors, write_json
 from wildsight.methods import build_method
 from wildsight.train import checkpoint
 from wildsight.views import eval_view
@@ -257,7 +257,7 @@ def save_classifier(out: str | Path, model: Classifier, meta: dict[str, Any]) ->
         raise ValueError(f"classifier metadata lacks {sorted(missing)}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp))
+    save_tensors(state, tmp)
     os.replace(tmp, out / "model.safetensors")
     doc = {"format": FORMAT, "feature_dim": model.feature_dim, "num_classes": model.num_classes,
            **meta}  # fmt: skip

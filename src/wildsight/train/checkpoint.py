@@ -39,7 +39,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from wildsight.fileio import fsync_dir
+from wildsight.fileio import current_umask, fsync_dir, save_tensors
 
 __all__ = [
     "CheckpointError",
@@ -97,6 +97,7 @@ def save_checkpoint(
     final = directory / name
     prev = latest_checkpoint(directory)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP}{name}-", dir=directory))
+    os.chmod(tmp, 0o777 & ~current_umask())  # as mkdir would make it, not mkdtemp's 0700
     aside = directory / f"{_TMP}old-{name}"
     moved_aside = replaced = latest_done = False
     try:
@@ -155,7 +156,7 @@ def _prepare_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    safetensors.torch.save_file(tensors, str(path))
+    save_tensors(tensors, path)
     _fsync_file(path)
 
 
@@ -168,6 +169,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 def _write_latest(directory: Path, name: str) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f"{_TMP}latest-", dir=directory)
+    os.fchmod(fd, 0o666 & ~current_umask())  # as open() would make it, not mkstemp's 0600
     os.close(fd)
     tmp = Path(tmp_name)
     try:

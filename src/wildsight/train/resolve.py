@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 
 import torch
 
@@ -56,7 +55,7 @@ def resolve_config(cfg: Config) -> Config:
 
 def pick_device(name: str) -> torch.device:
     """The device a name gives: "auto" (CUDA if there is one, else CPU), "cpu", "cuda", "cuda:N"."""
-    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", name):
+    if not config_lib.DEVICE_PATTERN.fullmatch(name):
         raise config_lib.ConfigError(
             f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}"
         )

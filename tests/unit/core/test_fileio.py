@@ -38,3 +38,25 @@ def test_a_failure_before_the_rename_keeps_the_old_file(
         fileio.write_atomically(path, "new\n")
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["index.json"]  # the temporary file is gone
+
+
+def test_files_get_the_mode_open_would_give_them_and_a_writer_can_stream(tmp_path: Path) -> None:
+    """mkstemp makes 0600 files; results must be readable as any file the user writes is."""
+    import io
+
+    import numpy as np
+
+    old = os.umask(0o027)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")  # what open() gives under this umask
+        ours = fileio.write_atomically(tmp_path / "ours.json", "{}")
+        array = np.arange(6, dtype=np.float32).reshape(2, 3)
+        streamed = fileio.write_atomically_with(tmp_path / "a.npy", lambda f: np.save(f, array))
+    finally:
+        os.umask(old)
+    expected = plain.stat().st_mode & 0o777
+    assert ours.stat().st_mode & 0o777 == expected == 0o640
+    assert streamed.stat().st_mode & 0o777 == expected
+    np.testing.assert_array_equal(np.load(io.BytesIO(streamed.read_bytes())), array)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "ours.json", "plain.txt"]

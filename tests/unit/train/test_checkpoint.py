@@ -344,3 +344,21 @@ def test_bad_state_json_and_missing_targets_are_named(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
         load_checkpoint(tmp_path / "empty")
+
+
+def test_checkpoints_get_the_modes_mkdir_and_open_would_give_them(tmp_path: Path) -> None:
+    """mkdtemp/mkstemp make 0700/0600; a checkpoint must be as readable as the run's other files
+    (a colleague evaluating a run on a shared cluster), under the process's umask."""
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path, 1, tensors={"w": torch.zeros(2)}, state={"step": 1})
+        (tmp_path / "plain").mkdir()
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    ckpt = checkpoint.latest_checkpoint(tmp_path)
+    assert ckpt is not None
+    assert ckpt.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o755
+    plain = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    for path in (tmp_path / "latest", *ckpt.iterdir()):
+        assert path.stat().st_mode & 0o777 == plain == 0o644, path
