@@ -260,6 +260,8 @@ def evaluate(
     a warning; a source where nothing decodes or too many fail is a one-line error.
     """
     started = time.perf_counter()
+    if json_path is not None:  # before the work, not after it
+        check_file_target(json_path, "json_path")
     run_dev = pick_device(device)
     encoder = load_encoder(run, random_init=random_init)
     run_dir = encoder.run_dir or Path(run)  # RUN_DIR also when `run` is one of its ckpt-*

@@ -261,3 +261,15 @@ def test_init_from_and_resume_together_are_refused_on_a_run_with_checkpoints(
     assert main(["pretrain", "--out", str(copy), "--resume", "--init-from", str(out)]) == 2
     assert "give one of them" in one_line_error(capsys)
     assert files_of(copy) == before
+
+
+def test_the_python_api_checks_its_output_path_before_the_work_too(
+    run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from wildsight import api
+
+    out, folder = run
+    before = files_of(out)
+    with pytest.raises(IsADirectoryError, match="json_path .* is a folder"):
+        api.eval_knn(out, str(folder), str(folder), json_path=tmp_path, name="api-json")
+    assert files_of(out) == before  # no eval ran: no result, no cache
