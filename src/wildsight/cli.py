@@ -245,6 +245,9 @@ def check_output_paths(args: argparse.Namespace) -> None:
     a file (not a folder), --save a folder (not a file)."""
     from wildsight.fileio import check_file_target, check_folder_target
 
+    if args.command in ("shards", "demo"):  # folders they create
+        check_folder_target(args.out, "--out")
+        return
     if args.command not in ("eval", "distill"):
         return
     if args.json:

@@ -273,3 +273,14 @@ def test_the_python_api_checks_its_output_path_before_the_work_too(
     with pytest.raises(IsADirectoryError, match="json_path .* is a folder"):
         api.eval_knn(out, str(folder), str(folder), json_path=tmp_path, name="api-json")
     assert files_of(out) == before  # no eval ran: no result, no cache
+
+
+@pytest.mark.parametrize("command", [["shards", "--data", "x", "--shard-size", "2"], ["demo"]])
+def test_an_out_folder_that_is_a_file_is_named(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    assert main([*command, "--out", str(precious)]) == 2
+    assert f"--out {str(precious)!r} is a file" in one_line_error(capsys)
+    assert precious.read_text() == "keep me"
