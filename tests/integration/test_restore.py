@@ -56,6 +56,16 @@ def test_init_from_copies_the_weights_and_starts_a_fresh_run(images, trained, tm
     assert config.read_yaml(run)["train"]["init_from"] == str(trained)  # reproducible
 
 
+def test_init_from_the_latest_pointer_file_takes_the_latest_checkpoint(images, trained, tmp_path):
+    """`checkpoints/latest` names the newest ckpt-*: --init-from accepts it as that checkpoint."""
+    via_pointer, via_run = tmp_path / "pointer", tmp_path / "run"
+    latest = trained / "checkpoints" / "latest"
+    for run, source in ((via_pointer, latest), (via_run, trained)):
+        api.pretrain(config.load(frozen_run(images, run, train={"init_from": str(source)})))
+    a, b = model_at(via_pointer), model_at(via_run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_init_from_another_method_takes_the_backbone_only(images, trained, tmp_path):
     run = tmp_path / "simclr"
     method = {"name": "simclr", "head_layers": 2, "hidden_dim": 32, "out_dim": 16}

@@ -38,8 +38,11 @@ ARCHITECTURE_PREFIXES = ("backbone.", "method.", "views.")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory (its checkpoints/), a checkpoints directory or one ckpt-* directory."""
+    """A run directory (its checkpoints/), a checkpoints directory, its `latest` pointer file
+    (= that directory) or one ckpt-* directory."""
     p = Path(path)
+    if p.name == checkpoint.LATEST_FILE and p.is_file():
+        return p.parent
     return p / "checkpoints" if (p / "checkpoints").is_dir() else p
 
 
