@@ -70,3 +70,27 @@ def tiny_cli_args(data: Path | str, out: Path, steps: int = 2) -> list[str]:
             "--batch-size", "8", "--workers", "0", "--out", str(out), "--no-progress",
             "--steps", str(steps), "--set", "method.num_prototypes=10",
             "--set", "method.hidden_dims=[32]", "--set", "method.out_dim=16"]  # fmt: skip
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, by relative path: what a refused command must leave alone."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    """The CLI's stderr, asserted to be one `wildsight: error: ...` line."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wildsight: error: ") and "\n" not in err, err
+    return err
+
+
+def pretrained_tiny_run(
+    tmp_path_factory: pytest.TempPathFactory, name: str, steps: int = 1
+) -> Path:
+    """A `steps`-step tiny run on 16 fresh images (for module-scoped fixtures)."""
+    from wildsight import api, config
+
+    root = tmp_path_factory.mktemp(name)
+    write_images(root / "train", 16)
+    api.pretrain(config.load(tiny_tree(root / "train", root / "run", steps=steps)))
+    return root / "run"

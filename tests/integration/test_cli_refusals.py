@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_cli_args, write_images
+from tests.conftest import one_line_error, snapshot, tiny_cli_args, write_images
 from wildsight.cli import EVAL_FLAG_PROTOCOLS, _given_eval_flags, check_eval_flags, main
 
 PROTOCOLS = ("linear", "mlp", "knn", "transfer", "finetune", "lowshot")
@@ -27,16 +27,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = root / "run"
     assert main(tiny_cli_args(folder, out, steps=2)) == 0
     return out, folder
-
-
-def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("wildsight: error: ") and "\n" not in err, err
-    return err
-
-
-def files_of(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def test_only_flags_on_the_command_line_count_as_given() -> None:
@@ -91,13 +81,13 @@ def test_a_flag_of_another_protocol_is_refused_before_any_work(
     owner: str,
 ) -> None:  # fmt: skip
     out, folder = run
-    before = files_of(out)
+    before = snapshot(out)
     argv = ["eval", extra[0], "--checkpoint", str(out), "--train", str(folder),
             "--test", str(folder), *extra[1:]]  # fmt: skip
     assert main(argv) == 2
     err = one_line_error(capsys)
     assert f"`eval {extra[0]}` does not use {flag}" in err and owner in err
-    assert files_of(out) == before  # nothing ran
+    assert snapshot(out) == before  # nothing ran
 
 
 def test_unwritable_output_paths_are_refused_before_training(
@@ -106,7 +96,7 @@ def test_unwritable_output_paths_are_refused_before_training(
     out, folder = run
     precious = tmp_path / "precious.txt"
     precious.write_text("keep me")
-    before = files_of(out)
+    before = snapshot(out)
     data = ["--checkpoint", str(out), "--train", str(folder), "--test", str(folder)]
     assert main(["eval", "finetune", *data, "--save", str(precious)]) == 2
     assert "--save" in one_line_error(capsys) and precious.read_text() == "keep me"
@@ -114,7 +104,7 @@ def test_unwritable_output_paths_are_refused_before_training(
     assert "is a folder" in one_line_error(capsys)
     assert main(["eval", "knn", *data, "--json", str(precious / "x.json")]) == 2
     assert "is a file" in one_line_error(capsys) and precious.read_text() == "keep me"
-    assert files_of(out) == before
+    assert snapshot(out) == before
 
 
 def test_probes_refuse_a_test_source_without_labels_or_with_unseen_classes(
@@ -241,10 +231,10 @@ def test_save_refuses_a_folder_of_other_files_but_replaces_its_own_classifier(
     out, folder = run
     data = ["--checkpoint", str(out), "--train", str(folder), "--test", str(folder), "--steps",
             "2", "--batch-size", "8"]  # fmt: skip
-    before = files_of(folder)
+    before = snapshot(folder)
     assert main(["eval", "finetune", *data, "--save", str(folder)]) == 2  # the image folder
     assert "holds other files and no classifier.json" in one_line_error(capsys)
-    assert files_of(folder) == before
+    assert snapshot(folder) == before
     mine = tmp_path / "mine"
     assert main(["eval", "finetune", *data, "--save", str(mine)]) == 0
     assert main(["eval", "finetune", *data, "--save", str(mine), "--seed", "1"]) == 0  # again
@@ -257,10 +247,10 @@ def test_init_from_and_resume_together_are_refused_on_a_run_with_checkpoints(
     out, folder = run
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    before = files_of(copy)
+    before = snapshot(copy)
     assert main(["pretrain", "--out", str(copy), "--resume", "--init-from", str(out)]) == 2
     assert "give one of them" in one_line_error(capsys)
-    assert files_of(copy) == before
+    assert snapshot(copy) == before
 
 
 def test_the_python_api_checks_its_output_path_before_the_work_too(
@@ -269,10 +259,10 @@ def test_the_python_api_checks_its_output_path_before_the_work_too(
     from wildsight import api
 
     out, folder = run
-    before = files_of(out)
+    before = snapshot(out)
     with pytest.raises(IsADirectoryError, match="json_path .* is a folder"):
         api.eval_knn(out, str(folder), str(folder), json_path=tmp_path, name="api-json")
-    assert files_of(out) == before  # no eval ran: no result, no cache
+    assert snapshot(out) == before  # no eval ran: no result, no cache
 
 
 @pytest.mark.parametrize("command", [["shards", "--data", "x", "--shard-size", "2"], ["demo"]])

@@ -11,18 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tiny_tree, write_images
-from wildsight import api, config
+from tests.conftest import pretrained_tiny_run, write_images
 from wildsight.cli import main
 from wildsight.train import checkpoint
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("embed")
-    write_images(root / "train", 16)
-    api.pretrain(config.load(tiny_tree(root / "train", root / "run", steps=1)))
-    return root / "run"
+    return pretrained_tiny_run(tmp_path_factory, "embed")
 
 
 def _folder(path: Path, good: int, bad: int) -> tuple[list[Path], list[Path]]:

@@ -11,17 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tiny_tree, write_images
-from wildsight import api, config
+from tests.conftest import pretrained_tiny_run, write_images
+from wildsight import api
 from wildsight.train import checkpoint
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cache")
-    write_images(root / "train", 16)
-    api.pretrain(config.load(tiny_tree(root / "train", root / "run", steps=1)))
-    return root / "run"
+    return pretrained_tiny_run(tmp_path_factory, "cache")
 
 
 @pytest.fixture

@@ -5,12 +5,11 @@ emptied by accident, a cadence of 0. `demo` continues its own run instead of sta
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import tiny_tree, write_images
+from tests.conftest import one_line_error, snapshot, tiny_tree, write_images
 from tests.integration.reliability import checkpoint_step
 from wildsight import api, config, demo
 from wildsight.cli import main
@@ -30,17 +29,6 @@ def finished(images, tmp_path_factory):
     run = tmp_path_factory.mktemp("finished") / "run"
     api.pretrain(config.load(tiny_tree(images, run, steps=3)))
     return run
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder`, by relative path: what a refused command must leave alone."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("wildsight: error: "), err
-    return err
 
 
 def test_a_new_run_into_a_folder_that_holds_one_is_refused_and_changes_nothing(
