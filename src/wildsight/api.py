@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -53,7 +52,7 @@ from wildsight.eval.protocols import (
 )
 from wildsight.fileio import (
     check_file_target,
-    save_tensors,
+    save_tensors_atomically,
     write_atomically,
     write_atomically_with,
     write_json,
@@ -185,14 +184,9 @@ def _source_layers(
         )  # fmt: skip
     listed = json.dumps(list(skips.reasons.items()))
     for layer, cache in caches.items():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        try:
-            save_tensors({"features": feats[layer].contiguous(), "labels": labels.contiguous(),
-                       "indices": rows.contiguous()}, str(tmp), metadata={"skipped": listed})  # fmt: skip
-            tmp.replace(cache)
-        finally:
-            tmp.unlink(missing_ok=True)
+        tensors = {"features": feats[layer].contiguous(), "labels": labels.contiguous(),
+                   "indices": rows.contiguous()}  # fmt: skip
+        save_tensors_atomically(tensors, cache, metadata={"skipped": listed})
     return feats, labels, rows
 
 
@@ -391,8 +385,11 @@ def embed(
             feats = extract_features(module, images, transform=encoder.transform,
                                      device=run_device)  # fmt: skip
     keys = "".join(f"{tsv_field(dataset.key(int(i)))}\n" for i in rows)
-    write_atomically(keys_path, keys)
+    # the old keys go first and the new ones come last: a kill in between leaves features
+    # without a keys file, never new features beside old keys (or the reverse)
+    keys_path.unlink(missing_ok=True)
     write_atomically_with(out, lambda f: np.save(f, feats.numpy()))
+    write_atomically(keys_path, keys)
     return tuple(feats.shape)  # type: ignore[return-value]
 
 

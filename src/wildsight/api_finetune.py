@@ -42,6 +42,7 @@ from wildsight.eval.lowshot import (
     summarize,
 )
 from wildsight.eval.models import (
+    CLASSIFIER_FILES,
     Encoder,
     LabelledImages,
     align_labels,
@@ -134,7 +135,7 @@ def _check_outputs(json_path: str | Path | None, save_dir: str | Path | None = N
     if json_path is not None:
         check_file_target(json_path, "json_path")
     if save_dir is not None:
-        check_folder_target(save_dir, "save_dir", own_file="classifier.json")
+        check_folder_target(save_dir, "save_dir", own_files=CLASSIFIER_FILES)
 
 
 def _shown(classes: list[str] | None, most: int = 10) -> str:

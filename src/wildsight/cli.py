@@ -253,7 +253,9 @@ def check_output_paths(args: argparse.Namespace) -> None:
     if args.json:
         check_file_target(args.json, "--json")
     if args.save:
-        check_folder_target(args.save, "--save", own_file="classifier.json")
+        from wildsight.eval.models import CLASSIFIER_FILES
+
+        check_folder_target(args.save, "--save", own_files=CLASSIFIER_FILES)
 
 
 def pretrain_tree(args: argparse.Namespace) -> dict:

@@ -26,16 +26,18 @@ def check_file_target(path: str | Path, what: str) -> None:
     _check_parents(path, what)
 
 
-def check_folder_target(path: str | Path, what: str, *, own_file: str | None = None) -> None:
+def check_folder_target(path: str | Path, what: str, *, own_files: tuple[str, ...] = ()) -> None:
     """Refuse, before any work, a path a folder cannot be made at: an existing file, or a
-    parent that is a file; with `own_file`, also a folder that holds other things but not
-    that file (an image folder, a run): only an empty folder or one of our own is written to."""
+    parent that is a file; with `own_files`, also a folder that holds other things but none of
+    those files (an image folder, a run): only an empty folder or one of our own is written to
+    (one of our own may hold only some of them, after a write cut short)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{what} {str(path)!r} is a file; give a folder (it is created)")
-    if own_file and path.is_dir() and any(path.iterdir()) and not (path / own_file).exists():
-        raise FileExistsError(f"{what} {str(path)!r} holds other files and no {own_file}; give "
-                              "a new or empty folder")  # fmt: skip
+    ours = any((path / name).exists() for name in own_files)
+    if own_files and path.is_dir() and any(path.iterdir()) and not ours:
+        raise FileExistsError(f"{what} {str(path)!r} holds other files and no {own_files[0]}; "
+                              "give a new or empty folder")  # fmt: skip
     _check_parents(path, what)
 
 
@@ -69,6 +71,31 @@ def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | Non
 
     save_file(tensors, str(path), metadata=metadata)
     os.chmod(path, 0o666 & ~current_umask())
+
+
+def save_tensors_atomically(
+    tensors: dict, path: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
+    """`save_tensors` into a temporary file beside `path`, fsync, one rename over `path`, fsync
+    the folder (safetensors writes only to a file name, so not through write_atomically_with).
+    A crash leaves the old file or the new one, and no temporary file. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_tensors(tensors, tmp, metadata=metadata)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
 
 
 def write_atomically(path: str | Path, data: bytes | str) -> Path:

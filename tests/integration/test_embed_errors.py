@@ -170,3 +170,28 @@ def test_a_config_edited_to_another_backbone_is_one_line_naming_it(run, tmp_path
         assert rc == 2 and len(err) == 1, err
         assert str(copy) in err[0] and "'resnet18'" in err[0] and "do not match" in err[0]
         assert len(err[0]) < 600
+
+
+def test_a_kill_between_the_two_files_never_pairs_new_features_with_old_keys(
+    run, tmp_path, monkeypatch
+):
+    """embed writes OUT.npy and OUT.keys.txt; a kill between their renames leaves the new
+    features without a keys file (visibly incomplete), not beside the previous call's keys."""
+    from wildsight import api
+
+    out = tmp_path / "f.npy"
+    write_images(tmp_path / "first", 12, seed=3)
+    assert api.embed(run, str(tmp_path / "first"), out)[0] == 12
+    assert len(Path(f"{out}.keys.txt").read_text().splitlines()) == 12
+    write_images(tmp_path / "second", 5, seed=4)
+
+    def killed(path, data):  # the process dies where the keys file would be written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "write_atomically", killed)
+    with pytest.raises(KeyboardInterrupt):
+        api.embed(run, str(tmp_path / "second"), out)
+    assert np.load(out).shape[0] == 5 and not Path(f"{out}.keys.txt").exists()
+    monkeypatch.undo()
+    api.embed(run, str(tmp_path / "second"), out)  # run again: a matching pair
+    assert len(Path(f"{out}.keys.txt").read_text().splitlines()) == np.load(out).shape[0] == 5

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,11 +37,12 @@ from wildsight.backbones import Backbone, build_backbone
 from wildsight.config import Config
 from wildsight.data import Loader, open_dataset
 from wildsight.eval.finetune import Classifier, InputSpec
-from wildsight.fileio import save_tensors, write_json
+from wildsight.fileio import save_tensors_atomically, write_json
 from wildsight.methods import build_method
 from wildsight.train import checkpoint
 from wildsight.views import eval_view
 
+CLASSIFIER_FILES = ("classifier.json", "model.safetensors")  # what save_classifier writes
 FORMAT = "wildsight-classifier/1"
 
 
@@ -256,11 +256,12 @@ def save_classifier(out: str | Path, model: Classifier, meta: dict[str, Any]) ->
     if missing:
         raise ValueError(f"classifier metadata lacks {sorted(missing)}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = out / "model.safetensors.tmp"
-    save_tensors(state, tmp)
-    os.replace(tmp, out / "model.safetensors")
     doc = {"format": FORMAT, "feature_dim": model.feature_dim, "num_classes": model.num_classes,
            **meta}  # fmt: skip
+    # classifier.json goes first and comes back last: a kill in between leaves a folder that
+    # load_classifier refuses (no classifier.json), never old metadata over new weights
+    (out / "classifier.json").unlink(missing_ok=True)
+    save_tensors_atomically(state, out / "model.safetensors")
     write_json(out / "classifier.json", doc)
     return out
 

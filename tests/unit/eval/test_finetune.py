@@ -261,3 +261,29 @@ def test_saved_classifier_loads_to_the_same_function(tmp_path) -> None:  # noqa:
         assert torch.equal(loaded(x), model.eval()(x))
     with pytest.raises(FileNotFoundError, match="no fine-tuned classifier"):
         load_classifier(tmp_path / "nothing")
+
+
+def test_a_kill_while_saving_never_pairs_old_metadata_with_new_weights(
+    tmp_path, monkeypatch
+) -> None:  # noqa: ANN001
+    """save_classifier writes model.safetensors and classifier.json; a kill between them leaves
+    a folder load_classifier refuses (no classifier.json), not new weights under old metadata."""
+    from wildsight.eval import models
+
+    cfg = _simclr_config()
+    meta = {"config": config_lib.to_dict(cfg), "keep_head_layers": 0}
+    backbone = build_backbone("regnetx_200mf", small_input=True)
+    save_classifier(tmp_path / "ft", Classifier(backbone, feature_dim(backbone, SPEC), 3), meta)
+    wider = Classifier(backbone, feature_dim(backbone, SPEC), 5)  # another class count
+
+    def killed(path, data):  # noqa: ANN001, ANN202 - the process dies before the metadata
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_classifier(tmp_path / "ft", wider, meta)
+    with pytest.raises(FileNotFoundError, match="no classifier.json"):
+        load_classifier(tmp_path / "ft")
+    monkeypatch.undo()
+    save_classifier(tmp_path / "ft", wider, meta)  # the same --save again: a whole classifier
+    assert load_classifier(tmp_path / "ft")[2]["num_classes"] == 5
