@@ -113,9 +113,8 @@ def run_demo(out: str | Path = "runs/demo", *, time_budget_s: float = DEMO_TIME_
         )
     started = time.perf_counter()
     # a second `make demo` continues its own run: a finished one trains no more, re-evaluated
+    # (the trainer says so once the run in `out` is known to be a demo run it can continue)
     resume = checkpoint.latest_checkpoint(Path(out) / "checkpoints") is not None
-    if resume:
-        print(f"{out} holds a demo run: continuing it (--resume) up to its time budget")
     result = pretrain_fmnist(
         method, out, time_budget_s=time_budget_s, train=train, overrides=overrides, resume=resume
     )

@@ -4,6 +4,7 @@ emptied by accident, a cadence of 0. `demo` continues its own run instead of sta
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -158,11 +159,33 @@ def test_the_demo_run_twice_continues_its_own_run_and_re_evaluates(
     capsys.readouterr()
 
     second = demo.run_demo(out, **kw)
-    printed = capsys.readouterr().out
-    assert "holds a demo run: continuing it" in printed
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert f"continuing the run in {str(out)!r} from step {steps}" in captured.err
+    # the last loss is the run's own, not NaN: it is kept in the checkpoint
+    assert second["pretrain"]["last_loss"] == first["pretrain"]["last_loss"]
+    assert math.isfinite(first["pretrain"]["last_loss"])
     assert f"Fashion-MNIST test accuracy ({steps} swav steps on {images})" in printed
     assert (
         second["pretrain"]["steps"] == steps and probed == ["swav", "random init", "raw pixels"] * 2
     )
     assert {k: v for k, v in snapshot(out).items() if k.startswith("checkpoints/")} == trained
     assert (out / "metrics.jsonl").read_bytes() == metrics_before
+
+
+def test_demo_into_a_run_of_another_method_is_one_error_and_nothing_else(images, tmp_path, capsys):
+    """`demo --out RUN` of a run it cannot continue says only why, not 'continuing' first."""
+    run = tmp_path / "run"
+    tree = tiny_tree(images, run, steps=2)
+    tree["method"] = {"name": "rotation"}
+    tree["views"] = None
+    api.pretrain(config.load(tree))
+    before = snapshot(run)
+    capsys.readouterr()
+    assert main(["demo", "--out", str(run), "--time-budget", "1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing said before the refusal (it was "continuing it")
+    err = captured.err.strip()
+    assert err.startswith("wildsight: error: ") and "\n" not in err, err
+    assert "rotation" in err and str(run) in err
+    assert snapshot(run) == before

@@ -93,3 +93,42 @@ def test_resume_with_a_larger_step_budget_extends_the_run(image_folder, tmp_path
     assert result.steps == 5
     _, state = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoints")
     assert state["train"]["step"] == 5
+
+
+def test_a_plateau_schedule_resumes_with_the_lrs_of_the_uninterrupted_run(
+    image_folder, tmp_path, monkeypatch
+):
+    """SEER's halve-on-plateau LR reads the previous step's loss: the checkpoint keeps it, so
+    the first step after a resume feeds the schedule what the uninterrupted run fed it."""
+    plateau = {"schedule": "plateau", "plateau_window_steps": 1, "plateau_patience_steps": 1}
+
+    def tree(out: Path) -> dict:
+        t = tiny_tree(image_folder, out, steps=8, checkpoint_every_steps=4)
+        t["optim"] |= plateau
+        return t
+
+    def lrs(run_dir: Path) -> dict[int, float]:
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {row["step"]: row["lr"] for row in rows}
+
+    straight = api.pretrain(config.load(tree(tmp_path / "straight")))
+    original = SwAV.after_step
+
+    def crash_at_step_5(self, step, output):
+        if step == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, step, output)
+
+    monkeypatch.setattr(SwAV, "after_step", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        api.pretrain(config.load(tree(tmp_path / "crashed")))
+    monkeypatch.setattr(SwAV, "after_step", original)
+    resumed = api.pretrain(config.load(tree(tmp_path / "crashed")), resume=True)
+    expected = lrs(tmp_path / "straight")
+    assert len(set(expected.values())) > 1  # the LR was halved in these 8 steps: a real test
+    got = lrs(tmp_path / "crashed")
+    assert {s: got[s] for s in expected if s > 4} == {s: v for s, v in expected.items() if s > 4}
+    assert resumed.last_loss == straight.last_loss
+    _, a = checkpoint.load_checkpoint(tmp_path / "straight" / "checkpoints")
+    _, b = checkpoint.load_checkpoint(tmp_path / "crashed" / "checkpoints")
+    assert a["plateau"] == b["plateau"]

@@ -102,7 +102,9 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
     norm_buffers = guards.NormBuffers(method)  # restored when a step is skipped
 
     # ---- fresh run, resume or init-from: every piece of state that affects the next step
-    state = {"step": 0, "total_steps": None, "elapsed_s": 0.0, "images_seen": 0}
+    # last_loss: the loss of the last step taken, which the next step's LR reads (plateau
+    # schedule) and the result reports: None before any step (JSON has no NaN)
+    state = {"step": 0, "total_steps": None, "elapsed_s": 0.0, "images_seen": 0, "last_loss": None}
     notes = []
     if resumed is not None:
         tensors, saved = resumed
@@ -114,6 +116,7 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
         plateau.load_state_dict(saved["plateau"])
         checkpoint.set_rng_state(saved["rng"] | {"torch": parts["rng"]["torch"]})
         state.update(saved["train"])
+        notes.append(f"continuing the run in {str(run_dir)!r} from step {state['step']}")
         nonfinite.load_state_dict(saved.get("nonfinite", {}))
         collapse.warned = bool(saved.get("collapse_warned", False))
     else:
@@ -187,7 +190,8 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
     for note in notes:
         log.message(f"wildsight: {note}")
     method.train()
-    last_loss, window_loss, window_images, window_start = float("nan"), [], 0, time.perf_counter()
+    last_loss = state["last_loss"] if state["last_loss"] is not None else float("nan")
+    window_loss, window_images, window_start = [], 0, time.perf_counter()
     tick = last_save = window_start
     batches = iter(loader)
     try:
@@ -229,7 +233,7 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
                     optimizer.step()
                     method.after_step(step, out)
                     nonfinite.ok()
-                    last_loss = loss
+                    last_loss = state["last_loss"] = loss
                     window_loss.append(loss)
                 else:  # skipped: no update, BatchNorm statistics restored; raises if too many
                     norm_buffers.restore()
