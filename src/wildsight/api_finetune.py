@@ -286,6 +286,29 @@ def eval_lowshot(
     return doc
 
 
+def _labelled_subset(meta: dict, train: str | None) -> tuple[str | None, tuple[float, int] | None]:
+    """(source, (fraction, seed)) of the labels that alpha < 1 mixes in, for a teacher of metadata
+    `meta`: the subset it was fine-tuned on, or all of `train` where that is another source.
+    (fraction, seed) None = every image of the source: a teacher fine-tuned on all labels (its
+    seed then picks no labels), or one whose folder records none (older folders, students saved
+    by `distill`), as with one teacher."""
+    was = meta.get("labels") or {}
+    source, fraction = train or was.get("source"), was.get("fraction")
+    if source != was.get("source") or fraction is None or fraction == 1.0:
+        return source, None  # fraction 1 draws every image too, whatever the seed
+    return source, (fraction, was["seed"])
+
+
+def _labels_shown(meta: dict) -> str:
+    """The labels a teacher was fine-tuned on, for a message."""
+    was = meta.get("labels")
+    if not was:
+        return "labels not recorded"
+    if was.get("fraction") is None:
+        return f"all labels of {was.get('source')!r}"
+    return f"fraction {was['fraction']:g} of {was.get('source')!r}, seed {was.get('seed')}"
+
+
 def distill(
     teacher: str | Path | Sequence[str | Path], unlabelled: str, test: str, *,
     student_checkpoint: str | Path | None = None,
@@ -298,8 +321,9 @@ def distill(
     default, a new classifier on the teacher's own pretrained run (self-distillation); else on
     `student_checkpoint` (another run, e.g. a smaller pretrained model) or a random-init
     `student_backbone`. config.alpha < 1 mixes in the teacher's labelled subset (or `train`).
-    Several teacher folders teach together, their probabilities averaged (the first one's run,
-    classes and labels are the reference; all must take the same input)."""
+    Several teacher folders teach together, their probabilities averaged (the first one's run and
+    classes are the reference; all must take the same input and, with alpha < 1, have been
+    fine-tuned on the same labels)."""
     started = time.perf_counter()
     _check_outputs(json_path, save_dir)
     if student_checkpoint is not None and student_backbone is not None:
@@ -326,6 +350,16 @@ def distill(
         ):  # fmt: skip
             raise ValueError(f"teacher {path} takes another input (size, mean, std) than teacher "
                              f"{paths[0]}: teachers must come from runs of the same image size")  # fmt: skip
+    subsets = [_labelled_subset(meta_i, train) for _, _, meta_i in loaded]  # what alpha < 1 uses
+    if config.alpha < 1.0 and len(set(subsets)) > 1:
+        shown = "; ".join(f"{path}: {_labels_shown(meta_i)}"
+                          for path, (_, _, meta_i) in zip(paths, loaded, strict=True))  # fmt: skip
+        raise ValueError(f"alpha {config.alpha:g} mixes in the teachers' labels, but they were "
+                         f"fine-tuned on different labels ({shown}): give teachers fine-tuned on "
+                         "the same labels, or --alpha 1")  # fmt: skip
+    source, drawn = subsets[0]
+    if config.alpha < 1.0 and source is None:
+        raise ValueError("distillation alpha < 1 needs labelled images: pass --train SOURCE")
     names = str(paths[0]) if len(paths) == 1 else [str(path) for path in paths]
     t_cfg = config_lib.load(meta["config"])
     size, classes = t_cfg.data.image_size, meta.get("classes")
@@ -335,18 +369,10 @@ def distill(
     test_y = align_labels(classes, test_y_set, reference=known)
     labelled = None
     if config.alpha < 1.0:
-        was = meta.get("labels") or {}
-        source = train or was.get("source")
-        if source is None:
-            raise ValueError("distillation alpha < 1 needs labelled images: pass --train SOURCE")
+        assert source is not None
         lab = load_images(source, size)
         lab_y = align_labels(classes, lab, reference=known)
-        same = source == was.get("source") and was.get("fraction") is not None
-        idx = (
-            class_balanced_subset(lab_y, was["fraction"], was["seed"])
-            if same
-            else torch.arange(len(lab_y))
-        )
+        idx = torch.arange(len(lab_y)) if drawn is None else class_balanced_subset(lab_y, *drawn)
         labelled = (lab.images[idx], lab_y[idx])
     num_classes = teacher_model.num_classes
     if student_backbone is not None:
@@ -390,7 +416,7 @@ def distill(
                          "top1": top1_accuracy(pred, test_y)})  # fmt: skip
     doc = {"protocol": "distill", "teacher": names, "student": student_name,
            "unlabelled": unlabelled, "test": test,
-           "train": None if labelled is None else (train or meta.get("labels", {}).get("source")),
+           "train": None if labelled is None else source,
            "rows": [*rows, {"model": "student", "features": student_name, "top1": result.top1}],
            **result.to_dict(), "elapsed_s": time.perf_counter() - started}  # fmt: skip
     if meta.get("run") and Path(meta["run"]).is_dir():

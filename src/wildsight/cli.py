@@ -188,7 +188,10 @@ def _parser(*, only_given: bool = False) -> argparse.ArgumentParser:
     student.add_argument("--student-backbone", help="a backbone name, trained from random init")
     di.add_argument("--temperature", type=float, default=1.0, help="T of P(y|x; T)")
     di.add_argument("--alpha", type=float, default=1.0, help="weight of distillation vs labels")
-    di.add_argument("--train", help="labelled source for alpha < 1 (default: the teacher's)")
+    di.add_argument(
+        "--train",
+        help="labelled source for alpha < 1 (default: the labels the teachers were fine-tuned on)",
+    )
     di.add_argument("--json", help="write the result to this JSON file")
     di.add_argument("--device", default="auto")
     _finetune_flags(di, DEFAULT_DISTILL.train)
