@@ -375,8 +375,10 @@ def run_lowshot(
             try:
                 for number, rows in pool.imap_unordered(_worker_run, tasks):
                     finished(number, rows)
-                pool.close()
-            finally:
+            except BaseException:
                 pool.terminate()  # a failed run or Ctrl-C stops the others; finished ones are kept
                 pool.join()
+                raise
+            pool.close()  # all done: the workers exit on their own (no kill mid-exit)
+            pool.join()
     return [row for number in sorted(results) for row in results[number]]
