@@ -220,7 +220,7 @@ def _pass_skips(skips: SkipLog, source: str, skip_log: SkipLog | None, *, warn: 
             skip_log.add(key, reason)
     elif skips.count and warn:
         first = next(iter(skips.reasons))
-        print(f"wildsight: warning: {skips.count} images of {source!r} could not be decoded and "
+        print(f"wildsight: warning: {skips.summary()} of {source!r} could not be decoded and "
               f"were left out (first: {first}: {skips.reasons[first]})", file=sys.stderr)  # fmt: skip
 
 
@@ -307,7 +307,7 @@ def _skips_reported(skips: SkipLog, path: Path) -> Iterator[None]:
         raise DataError(f"{err}; all {skips.count} are listed in {path}") from None
     if skips.count:
         skips.write(path)
-        print(f"wildsight: warning: {skips.count} images could not be decoded and were left "
+        print(f"wildsight: warning: {skips.summary()} could not be decoded and were left "
               f"out; they are listed in {path}", file=sys.stderr)  # fmt: skip
     else:
         path.unlink(missing_ok=True)

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wildsight.data.decode import Skip
-from wildsight.data.shards import ShardDataset
+from wildsight.data.shards import REST_UNKNOWN, ShardDataset
 from wildsight.data.sources import DataError, ImageDataset
 from wildsight.data.stream import DEFAULT_BLOCK_SIZE, ShardStream
 from wildsight.fileio import write_atomically
@@ -47,7 +47,11 @@ class Batch:
 
 
 class SkipLog:
-    """Skipped items, each counted and named once however many epochs meet it again."""
+    """Skipped items, each counted and named once however many epochs meet it again.
+
+    An item is one image, except the rest of a damaged tar shard whose index.json does not say
+    how many samples it held (its reason ends with shards.REST_UNKNOWN): `count` counts it as
+    one, `summary()` says "the rest of N shards (count unknown)" instead of a number."""
 
     def __init__(self) -> None:
         self.reasons: dict[str, str] = {}  # key -> first reason, in order of discovery
@@ -56,6 +60,23 @@ class SkipLog:
     @property
     def count(self) -> int:
         return len(self.reasons)
+
+    @property
+    def uncounted(self) -> list[str]:
+        """Keys of damaged shards whose lost images are not counted (no index.json count)."""
+        return [key for key, reason in self.reasons.items() if reason.endswith(REST_UNKNOWN)]
+
+    def summary(self) -> str:
+        """What was left out, for a warning: '3 images', '1 image and the rest of shard
+        'a.tar' (count unknown)', 'the rest of 2 shards (count unknown)'."""
+        shards = self.uncounted
+        known = self.count - len(shards)
+        images = f"{known} image{'s' if known != 1 else ''}"
+        if not shards:
+            return images
+        rest = f"shard {shards[0]!r}" if len(shards) == 1 else f"{len(shards)} shards"
+        rest = f"the rest of {rest} (count unknown)"
+        return f"{images} and {rest}" if known else rest
 
     def add(self, key: str, reason: str) -> None:
         if key not in self.reasons:

@@ -15,8 +15,13 @@ Reading is safe by construction:
   integer; `.pyd/.pth/.pkl` and every other member are never read, let alone unpickled (SPEC §4).
 
 A shard that cannot be read to its end (truncated, corrupt header, not a tar, broken gzip, or
-fewer samples than its index.json says) yields `Skip(<shard path>, reason)` once, after the
-samples read before the damage; the stream then goes on with the next shard.
+fewer samples than its index.json says) is reported after the samples read before the damage,
+so that every lost image is counted once (in skipped.tsv, the warning and max_skip_fraction):
+- index.json gives its count: one sample with a `problem` per missing ordinal (`<shard>[<n>]`,
+  n from the first sample not read whole to count - 1), each an image left out;
+- no count known: one `Skip(<shard path>, "...; the rest of the shard is left out, count
+  unknown")`, which claims no number (it counts as one item against max_skip_fraction).
+The stream then goes on with the next shard.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"(\d+)\.\.(\d+)")
 _REMOTE = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)", re.IGNORECASE)
 _PICTURES = frozenset(ext.lstrip(".") for ext in image_extensions())
+REST_UNKNOWN = "the rest of the shard is left out, count unknown"  # ends such a Skip's reason
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -89,11 +95,11 @@ def read_shard(
     expected: int | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Iterator[RawSample | Skip]:
-    """Samples `start`, `start + 1`, ... of one shard, then one Skip if the shard is damaged.
+    """Samples `start`, `start + 1`, ... of one shard, then what its damage lost (see above).
 
     Samples before `start` are passed over by their headers (their data is seeked past, not
-    read). Only picture and `.cls` members are read. `expected` (from index.json) turns a
-    short shard into a reported truncation and caps the samples taken from a long one.
+    read). Only picture and `.cls` members are read. `expected` (from index.json) counts the
+    samples a damaged shard lost and caps the samples taken from a long one.
     """
     offset, key, members, problem = -1, None, {}, ""
     try:
@@ -109,7 +115,8 @@ def read_shard(
                         yield RawSample(shard, offset, key or "", members, problem)
                     offset, key, members, problem = offset + 1, name_key, {}, ""
                     if expected is not None and offset >= expected:
-                        yield Skip(path, f"holds more than the {expected} samples of its index")
+                        yield Skip(path, f"holds more than the {expected} samples of its index; "
+                                         f"{REST_UNKNOWN}")  # fmt: skip
                         return
                 if offset < start or not (ext == "cls" or is_picture(ext)):
                     continue
@@ -120,17 +127,36 @@ def read_shard(
                 assert member is not None  # a regular file always has data
                 members[ext] = member.read()
             clean = _ends_cleanly(tar)
-    except _READ_ERRORS as err:
+    except _READ_ERRORS as err:  # sample `offset` was cut: samples 0 .. offset - 1 are whole
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        yield Skip(path, f"unreadable shard after {max(offset, 0)} samples: {reason}")
+        read = max(offset, 0)
+        yield from _lost(path, shard, start, read, expected,
+                         f"unreadable shard after {read} samples: {reason}")  # fmt: skip
         return
     if key is not None and offset >= start:
         yield RawSample(shard, offset, key, members, problem)
     count = offset + 1
     if not clean:
-        yield Skip(path, f"truncated or corrupt tar after {count} samples (no end-of-archive)")
+        yield from _lost(path, shard, start, count, expected,
+                         f"truncated or corrupt tar after {count} samples (no end-of-archive)")  # fmt: skip
     elif expected is not None and count < expected:
-        yield Skip(path, f"truncated: {count} of {expected} samples")
+        yield from _lost(path, shard, start, count, expected,
+                         f"truncated: {count} of {expected} samples")  # fmt: skip
+
+
+def _lost(
+    path: str, shard: int, start: int, read: int, expected: int | None, why: str
+) -> Iterator[RawSample | Skip]:
+    """What a damaged shard lost after its first `read` samples: one problem sample per missing
+    ordinal in [max(read, start), expected) when index.json counts them (a resumed read from
+    `start` reports only its own), else one Skip for the rest of the shard, count unknown.
+    With the count known and nothing missing (only the end-of-archive is cut), nothing."""
+    if expected is None:
+        yield Skip(path, f"{why}; {REST_UNKNOWN}")
+        return
+    for offset in range(max(read, start), expected):
+        yield RawSample(shard, offset, "", {}, f"missing from a damaged shard of {expected} "
+                                               f"indexed samples: {why}")  # fmt: skip
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -305,8 +331,10 @@ class ShardDataset:
         )
 
     def decode(self, sample: RawSample) -> tuple[torch.Tensor, int] | Skip:
-        """-> (uint8 [3, S, S], label or -1), or Skip naming `<shard>#<key>`."""
-        where = f"{self.shards[sample.shard]}#{sample.key}"
+        """-> (uint8 [3, S, S], label or -1), or Skip naming `<shard>#<key>` (a sample lost
+        from a damaged shard, which has no key: `<shard>[<ordinal>]`, as `key()` names it)."""
+        path = self.shards[sample.shard]
+        where = f"{path}#{sample.key}" if sample.key else f"{path}[{sample.offset}]"
         if sample.problem:
             return Skip(where, sample.problem)
         ext = next((e for e in sample.members if is_picture(e)), None)
@@ -336,6 +364,9 @@ def open_shards(
 
     Counts and classes come from the index.json next to the shards; they are known only when
     every shard is listed there. Class lists of several indexes are merged in first-seen order.
+    A shard without names (its folder has no index.json, or one without classes) has labels
+    that are bare numbers: they stay as they are when no shard has names (`classes` None), and
+    are unknown (-1) beside named shards, whose numbering they need not share.
     """
     shards: list[str] = []
     for spec in specs:
@@ -362,7 +393,9 @@ def open_shards(
             maps.append([merged.index(n) for n in names])
         else:
             maps.append(None)
-    identity = all(m is None or m == list(range(len(m))) for m in maps)
+    if merged:  # an unnamed shard's numbers mean nothing in the named shards' class list
+        maps = [[] if m is None else m for m in maps]
+    identity = all(m is None or (len(m) > 0 and m == list(range(len(m)))) for m in maps)
     return ShardDataset(
         shards, image_size, counts=counts, classes=merged or None,
         label_maps=None if identity else maps, name=", ".join(map(repr, specs)),

@@ -197,8 +197,15 @@ def load_images(source: str, image_size: int, *, labelled: bool = True) -> Label
 def align_labels(
     classes: list[str] | None, other: LabelledImages, *, reference: str = "the training set"
 ) -> Tensor:
-    """other's labels [M] in the class indices of `classes` (matched by class name)."""
-    if classes is None or other.classes is None or classes == other.classes:
+    """other's labels [M] in the class indices of `classes` (matched by class name). None on
+    a side: labels that are bare numbers (tar shards without index.json), matched by number
+    against numbers and refused against names (`protocols.check_class_names`)."""
+    if classes is None or other.classes is None:
+        from wildsight.eval.protocols import check_class_names
+
+        check_class_names(reference, classes, other.source, other.classes)
+        return other.labels
+    if classes == other.classes:
         return other.labels
     missing = sorted(set(other.classes) - set(classes))
     if missing:

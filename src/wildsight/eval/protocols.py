@@ -10,6 +10,7 @@ pretrained features next to the same backbone at random init).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from wildsight.data.shards import is_shard_spec, open_shards
 from wildsight.eval.features import PRE_LOGITS
 from wildsight.eval.html import neighbour_doc, pick_queries
 from wildsight.eval.knn import knn_probes
@@ -40,10 +42,61 @@ class LabelledFeatures:
     image: Callable[[int], Tensor] | None = None  # row -> uint8 [C, H, W] (the neighbour grid)
 
 
+def names_no_classes(source: str) -> bool:
+    """True for tar shards whose labels are bare class numbers: no index.json next to them
+    names their classes (copied without it, or written by another tool). Their `classes`
+    reach a probe as "0", "1", ... made up from the labels, which look like names but are not."""
+    return is_shard_spec(source) and open_shards([source], 1).classes is None
+
+
+def _numbered(classes: Sequence[str]) -> bool:
+    """Class names "0", "1", ..., "n-1": a list of numeric labels, IDX files without names,
+    class folders 0 ... 9; by name or by number, a label means the same class."""
+    return list(classes) == [str(k) for k in range(len(classes))]
+
+
+def check_class_names(
+    train: str, train_classes: Sequence[str] | None, test: str, test_classes: Sequence[str] | None
+) -> None:
+    """Refuse or warn before test labels are matched to train labels; None = bare numbers
+    (`names_no_classes`). The decision, per pair of sides:
+
+    - both name their classes: matched by name (the callers' remap), nothing to say;
+    - a side of bare numbers and a side with real names (not "0", "1", ...): ValueError. Class k
+      of unnamed shards is whatever the packer numbered k, so no remap is right except by
+      luck, and a wrong one mislabels every image without a sign;
+    - bare numbers on both sides, or against names that are numbers: matched by number, the
+      only reading there is (two unnamed shard sets of one packer), with one warning, since
+      nothing can check that both sides numbered their classes alike.
+    """
+    sides = ((train, train_classes), (test, test_classes))
+    bare = [source for source, classes in sides if classes is None]
+    if not bare:
+        return
+    named = [(s, c) for s, c in sides if c is not None and not _numbered(c)]
+    if named:
+        source, classes = named[0]
+        more = ", ..." if len(classes) > 3 else ""
+        raise ValueError(
+            f"{bare[0]!r} names no classes (tar shards without index.json: labels are bare "
+            f"numbers) but {source!r} does ({', '.join(classes[:3])}{more}): numbers cannot be "
+            "matched to names safely; keep the shards' index.json beside them (or pack them "
+            "again with `wildsight shards`)"
+        )
+    unnamed = list(dict.fromkeys(bare))  # train and test may be one source
+    warnings.warn(
+        f"labels of {train!r} and {test!r} are matched by class number, as "
+        f"{' and '.join(map(repr, unnamed))} name{'s' * (len(unnamed) == 1)} no classes (tar "
+        "shards without index.json); right only if both sides numbered their classes alike",
+        stacklevel=3,
+    )
+
+
 def align_classes(train: LabelledFeatures, test: LabelledFeatures) -> LabelledFeatures:
     """test with labels renumbered into train's classes, matched by name. Both sources must be
     labelled, and every test class must occur in train: a probe cannot predict a class it never
-    saw, so such test images could only count as errors (fine-tuning refuses them alike)."""
+    saw, so such test images could only count as errors (fine-tuning refuses them alike).
+    Tar shards without class names are matched by number or refused: `check_class_names`."""
     for side in (train, test):
         if side.labels.numel() == 0:
             raise ValueError(f"{side.source!r} holds no image to probe on; check the path")
@@ -54,6 +107,10 @@ def align_classes(train: LabelledFeatures, test: LabelledFeatures) -> LabelledFe
                 "a probe needs labelled sources (class sub-folders, a list of path<TAB>label, "
                 "or fmnist:train / fmnist:test)"
             )
+    check_class_names(
+        train.source, None if names_no_classes(train.source) else train.classes,
+        test.source, None if names_no_classes(test.source) else test.classes,
+    )  # fmt: skip
     if test.classes == train.classes:
         return test
     missing = [c for c in test.classes if c not in train.classes]
