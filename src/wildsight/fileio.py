@@ -76,26 +76,18 @@ def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | Non
 def save_tensors_atomically(
     tensors: dict, path: str | Path, metadata: dict[str, str] | None = None
 ) -> Path:
-    """`save_tensors` into a temporary file beside `path`, fsync, one rename over `path`, fsync
-    the folder (safetensors writes only to a file name, so not through write_atomically_with).
-    A crash leaves the old file or the new one, and no temporary file. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """`save_tensors` made atomic as `write_atomically` is (safetensors writes only to a file
+    name, so not through write_atomically_with). Returns the path."""
+
+    def fill(tmp: str) -> None:
         save_tensors(tensors, tmp, metadata=metadata)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
+
+    return _replace_with_temporary(path, fill)
 
 
 def write_atomically(path: str | Path, data: bytes | str) -> Path:
@@ -109,17 +101,27 @@ def write_atomically(path: str | Path, data: bytes | str) -> Path:
 def write_atomically_with(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     """write(file) into a temporary file beside `path`, fsync, one rename over `path`, fsync
     the folder (for large outputs streamed by a writer, e.g. `np.save`). Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(
-                f.fileno(), 0o666 & ~current_umask()
-            )  # as open() would make it, not mkstemp's 0600
+
+    def fill(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # as open() makes it, not 0600
             write(f)
             f.flush()
             os.fsync(f.fileno())
+
+    return _replace_with_temporary(path, fill)
+
+
+def _replace_with_temporary(path: str | Path, fill: Callable[[str], None]) -> Path:
+    """fill(tmp) writes and fsyncs a temporary file made beside `path` (parents created); then
+    one rename over `path` and an fsync of the folder. On any failure, the temporary file is
+    removed and `path` is as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fill(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
