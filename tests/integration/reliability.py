@@ -24,6 +24,27 @@ def model_at(run_or_ckpt: Path) -> dict[str, torch.Tensor]:
     return checkpoint.unflatten_state(tensors, state["tensor_meta"])["model"]
 
 
+def pretrain_killed_at_step(tree: dict, step: int, monkeypatch) -> None:  # noqa: ANN001
+    """Run the SwAV config `tree` and kill it (KeyboardInterrupt) as step `step` ends, before
+    that step's checkpoint; what it saved before stays on disk for a --resume."""
+    import pytest
+
+    from wildsight import api, config
+    from wildsight.methods.swav import SwAV
+
+    original = SwAV.after_step
+
+    def crash(self, at, output):  # noqa: ANN001, ANN202
+        if at == step:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, at, output)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SwAV, "after_step", crash)
+        with pytest.raises(KeyboardInterrupt):
+            api.pretrain(config.load(tree))
+
+
 def checkpoint_step(run_dir: Path) -> int:
     _, state = checkpoint.load_checkpoint(run_dir / "checkpoints")
     return int(state["train"]["step"])

@@ -3,12 +3,11 @@
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.conftest import tiny_tree
+from tests.integration.reliability import pretrain_killed_at_step
 from wildsight import api, config
-from wildsight.methods.swav import SwAV
 from wildsight.train import checkpoint
 
 
@@ -22,17 +21,7 @@ def test_crash_then_resume_equals_uninterrupted(image_folder, tmp_path, monkeypa
     assert straight.steps == 6
 
     crashed_dir = tmp_path / "crashed"
-    original = SwAV.after_step
-
-    def crash_at_step_4(self, step, output):
-        if step == 4:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, step, output)
-
-    monkeypatch.setattr(SwAV, "after_step", crash_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        api.pretrain(config.load(tiny_tree(image_folder, crashed_dir)))
-    monkeypatch.setattr(SwAV, "after_step", original)
+    pretrain_killed_at_step(tiny_tree(image_folder, crashed_dir), 4, monkeypatch)
     _, state = checkpoint.load_checkpoint(crashed_dir / "checkpoints")
     assert state["train"]["step"] == 3  # the last checkpoint before the crash
 
@@ -112,17 +101,7 @@ def test_a_plateau_schedule_resumes_with_the_lrs_of_the_uninterrupted_run(
         return {row["step"]: row["lr"] for row in rows}
 
     straight = api.pretrain(config.load(tree(tmp_path / "straight")))
-    original = SwAV.after_step
-
-    def crash_at_step_5(self, step, output):
-        if step == 5:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, step, output)
-
-    monkeypatch.setattr(SwAV, "after_step", crash_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        api.pretrain(config.load(tree(tmp_path / "crashed")))
-    monkeypatch.setattr(SwAV, "after_step", original)
+    pretrain_killed_at_step(tree(tmp_path / "crashed"), 5, monkeypatch)
     resumed = api.pretrain(config.load(tree(tmp_path / "crashed")), resume=True)
     expected = lrs(tmp_path / "straight")
     assert len(set(expected.values())) > 1  # the LR was halved in these 8 steps: a real test

@@ -3,13 +3,12 @@ resumes from the saved stream position to exactly the weights of an uninterrupte
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.conftest import tiny_tree
+from tests.integration.reliability import pretrain_killed_at_step
 from wildsight import api, config
 from wildsight.data import write_shards
-from wildsight.methods.swav import SwAV
 from wildsight.train import checkpoint
 
 
@@ -24,17 +23,7 @@ def test_kill_and_resume_on_shards_equals_uninterrupted(image_folder, tmp_path, 
     tree = {"steps": 4, "checkpoint_every_steps": 2}
     straight = api.pretrain(config.load(tiny_tree(shards, tmp_path / "straight", **tree)))
     assert straight.steps == 4
-    original = SwAV.after_step
-
-    def crash_at_step_3(self, step, output):
-        if step == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, step, output)
-
-    monkeypatch.setattr(SwAV, "after_step", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        api.pretrain(config.load(tiny_tree(shards, tmp_path / "crashed", **tree)))
-    monkeypatch.setattr(SwAV, "after_step", original)
+    pretrain_killed_at_step(tiny_tree(shards, tmp_path / "crashed", **tree), 3, monkeypatch)
     _, saved = _final(tmp_path / "crashed")
     assert saved["train"]["step"] == 2 and saved["loader"]["kind"] == "shards"
     assert saved["loader"]["slots"]["0"]["done"] == 16  # 2 batches of 8 into the first block
