@@ -62,11 +62,18 @@ class OptimConfig:
     start_lr: float = 0.0
     final_lr: float = 0.0003
     lr_batch_reference: int = 256
-    schedule: Literal["cosine", "plateau", "constant"] = "cosine"
+    schedule: Literal["cosine", "plateau", "constant", "step"] = "cosine"
     warmup_steps: int = 0
+    # schedule "step" (Revisiting's pretext training): LR x lr_decay_factor at each fraction
+    # of the run in lr_decay_at (15/35 and 25/35 of 35 epochs), after the linear warm-up
+    lr_decay_at: tuple[float, ...] = ()
+    lr_decay_factor: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-6
     trust_coefficient: float = 0.001
+    # LARS's ratio eta ||w|| / (||g|| + wd ||w||) as LARC (SwAV, SEER), or eta ||w|| / ||g + wd w||
+    # as SimCLR's and BYOL's LARS
+    trust_norm: Literal["sum_of_norms", "norm_of_sum"] = "sum_of_norms"
     exclude_bias_and_norm: bool = True
     clip_grad_norm: float = 0.0  # 0 = off
     plateau_patience_steps: int = 2000
@@ -93,7 +100,8 @@ class TrainConfig:
     max_nonfinite_steps_in_a_row: int = 20  # skipped NaN/inf steps before the run stops
     # several processes (torchrun), train/parallel.py: DDP replicates the model, FSDP shards it
     parallel: Literal["ddp", "fsdp"] = "ddp"
-    syncbn_group_size: int = 0  # BN statistics over groups of this many processes; SEER: 64
+    # BN statistics over groups of this many processes (SEER: 64); >= the process count: global BN
+    syncbn_group_size: int = 0
     accumulate_steps: int = 1  # micro-batches per optimizer step (batch_size is per step, global)
 
 
@@ -167,6 +175,14 @@ def _check_optim(o: OptimConfig) -> None:
             raise ConfigError(f"optim.{key} must be >= 0, got {getattr(o, key)}")
     if o.trust_coefficient <= 0:
         raise ConfigError(f"optim.trust_coefficient must be > 0, got {o.trust_coefficient}")
+    if o.schedule == "step" and not o.lr_decay_at:
+        raise ConfigError("optim.schedule 'step' needs optim.lr_decay_at, e.g. [0.4286, 0.7143] "
+                          "(LR / 10 at epochs 15 and 25 of 35)")  # fmt: skip
+    if any(not 0 < m < 1 for m in o.lr_decay_at) or list(o.lr_decay_at) != sorted(o.lr_decay_at):
+        raise ConfigError(f"optim.lr_decay_at must be increasing fractions of the run in (0, 1), "
+                          f"got {list(o.lr_decay_at)}")  # fmt: skip
+    if not 0 < o.lr_decay_factor <= 1:
+        raise ConfigError(f"optim.lr_decay_factor must be in (0, 1], got {o.lr_decay_factor}")
     for key in ("lr_batch_reference", "plateau_patience_steps", "plateau_window_steps"):
         if getattr(o, key) < 1:
             raise ConfigError(f"optim.{key} must be >= 1, got {getattr(o, key)}")

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LARS", "OPTIMIZERS", "build_optimizer", "param_groups"]
+__all__ = ["LARS", "OPTIMIZERS", "TRUST_NORMS", "build_optimizer", "param_groups"]
+
+TRUST_NORMS = ("sum_of_norms", "norm_of_sum")  # LARC (SwAV, SEER); SimCLR's and BYOL's LARS
 
 
 class LARS(torch.optim.Optimizer):
@@ -34,6 +36,12 @@ class LARS(torch.optim.Optimizer):
     The trust ratio never depends on lr (``clip=False``), so the LR schedule and the ratio
     multiply.
 
+    ``trust_norm="norm_of_sum"`` (a group key, or the constructor's default) is the form of
+    SimCLR's and BYOL's LARS instead: weight decay is added first and the ratio is taken of
+    the norm of the sum, ``d = g + wd * p; g <- d * eta * ||p|| / ||d||`` (``d`` unscaled where
+    ``||p||`` or ``||d||`` is 0). It differs from LARC's ratio when g and p are not parallel
+    (by up to 1/sqrt(2), at g perpendicular to p and ||g|| == wd * ||p||).
+
     A param group with ``"lars_exclude": True`` gets neither the trust ratio nor any special
     treatment: ``g <- g + wd * p`` with the group's own wd (0 for bias/norm from
     ``param_groups``), then the same momentum update, i.e. plain ``torch.optim.SGD``.
@@ -50,6 +58,7 @@ class LARS(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         trust_coefficient: float = 0.001,
         eps: float = 1e-8,
+        trust_norm: str = "sum_of_norms",
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -61,12 +70,15 @@ class LARS(torch.optim.Optimizer):
             raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient}")
         if eps < 0.0:
             raise ValueError(f"eps must be >= 0, got {eps}")
+        if trust_norm not in TRUST_NORMS:
+            raise ValueError(f"trust_norm must be one of {TRUST_NORMS}, got {trust_norm!r}")
         defaults = {
             "lr": lr,
             "momentum": momentum,
             "weight_decay": weight_decay,
             "trust_coefficient": trust_coefficient,
             "eps": eps,
+            "trust_norm": trust_norm,
             "lars_exclude": False,
         }
         super().__init__(params, defaults)
@@ -89,6 +101,11 @@ class LARS(torch.optim.Optimizer):
                 if excluded:
                     if wd != 0.0:
                         g = g.add(p, alpha=wd)
+                elif group["trust_norm"] == "norm_of_sum":  # SimCLR / BYOL
+                    d = g.add(p, alpha=wd) if wd != 0.0 else g
+                    p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    apply = (p_norm > 0) & (d_norm > 0)
+                    g = torch.where(apply, d * (eta * p_norm / d_norm.clamp(min=1e-30)), d)
                 else:
                     p_norm = torch.linalg.vector_norm(p)  # 0-d
                     g_norm = torch.linalg.vector_norm(g)  # 0-d, raw gradient (LARC)

@@ -33,10 +33,10 @@ def resolve_config(cfg: Config) -> Config:
         raise config_lib.ConfigError(
             "no training budget: give --steps, --epochs or --time-budget (or --online to train until stopped)"
         )
-    if t.online and cfg.optim.schedule == "cosine":
+    if t.online and cfg.optim.schedule in ("cosine", "step"):
         raise config_lib.ConfigError(
-            "train.online runs without an end, so a cosine schedule has nothing to decay to: "
-            "use optim.schedule plateau (SEER online) or constant"
+            f"train.online runs without an end, so a {cfg.optim.schedule} schedule has nothing to "
+            "decay to: use optim.schedule plateau (SEER online) or constant"
         )
     largest = max(group.size for group in views.groups)
     if largest > MAX_CROP_UPSAMPLING * data.image_size:

@@ -88,6 +88,7 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
                           lr_scales=method.lr_scales())  # fmt: skip
     for group in groups:
         group["trust_coefficient"] = o.trust_coefficient  # read by LARS only
+        group["trust_norm"] = o.trust_norm
     optimizer = build_optimizer(
         o.name, groups, lr=o.lr * scale, momentum=o.momentum, weight_decay=o.weight_decay
     )
@@ -165,6 +166,13 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
         if total is None and step >= o.warmup_steps:  # time budget not calibrated yet
             return o.lr * scale
         total = total or max(o.warmup_steps, 1)  # a run shorter than the warm-up warms up less
+        if o.schedule == "step":  # Revisiting: linear warm-up, then / 10 at fixed fractions
+            warmup = min(o.warmup_steps, total)
+            if step < warmup:
+                return schedules.warmup_cosine(step, base=o.lr * scale, start=o.start_lr * scale,
+                                               warmup_steps=warmup, total_steps=total)  # fmt: skip
+            return schedules.step_decay(step, base=o.lr * scale, total_steps=total,
+                                        milestones=o.lr_decay_at, factor=o.lr_decay_factor)  # fmt: skip
         return schedules.warmup_cosine(
             step, base=o.lr * scale, start=o.start_lr * scale, final=o.final_lr * scale,
             warmup_steps=min(o.warmup_steps, total), total_steps=total,

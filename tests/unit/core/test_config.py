@@ -123,3 +123,38 @@ def test_override_values_read_as_yaml_1_2_numbers_where_yaml_1_1_leaves_strings(
     assert config.yaml12_value("0.97") == 0.97 and config.yaml12_value("32") == 32
     assert config.yaml12_value("[1, 2]") == [1, 2] and config.yaml12_value("true") is True
     assert config.yaml12_value("fast") == "fast" and config.yaml12_value("1e-3x") == "1e-3x"
+
+
+def test_paper_recipes_state_their_published_optimisation():
+    """The published values each recipe cites (SPEC §1 and the released scripts)."""
+    load = lambda name: config.load(config.read_yaml(config.recipe_path(name)))  # noqa: E731
+    seer, swav = load("seer_regnety_256gf"), load("swav_rn50_800ep")
+    assert seer.train.syncbn_group_size == 64 and seer.optim.exclude_bias_and_norm
+    # swav_800ep_pretrain.sh: --start_warmup 0.3 --base_lr 4.8 at batch 4,096, LARC and wd on
+    # every parameter, SyncBN (apex) in groups of 8
+    scale = swav.train.batch_size / swav.optim.lr_batch_reference
+    assert (swav.optim.start_lr * scale, swav.optim.lr * scale) == pytest.approx((0.3, 4.8))
+    assert not swav.optim.exclude_bias_and_norm and swav.train.syncbn_group_size == 8
+    simclr, byol = load("simclr_v2"), load("byol")
+    assert simclr.optim.trust_norm == byol.optim.trust_norm == "norm_of_sum"
+    assert simclr.train.syncbn_group_size >= simclr.train.batch_size  # global BN
+    for name in ("rotation", "jigsaw", "rpl", "exemplar"):  # Revisiting: / 10 at 15 and 25 of 35
+        cfg = load(name)
+        assert cfg.optim.schedule == "step" and cfg.train.epochs == 35
+        assert [round(m * 35, 6) for m in cfg.optim.lr_decay_at] == [15, 25]
+        assert cfg.optim.lr_decay_factor == 0.1
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"schedule": "step"}, "needs optim.lr_decay_at"),
+        ({"schedule": "step", "lr_decay_at": [0.7, 0.4]}, "increasing fractions"),
+        ({"lr_decay_at": [1.5]}, "increasing fractions"),
+        ({"lr_decay_factor": 0}, "lr_decay_factor"),
+        ({"trust_norm": "l1"}, "trust_norm"),
+    ],
+)
+def test_bad_step_schedule_and_trust_norm_values_are_refused(change, match):
+    with pytest.raises(config.ConfigError, match=match):
+        config.load({"optim": change})

@@ -192,3 +192,28 @@ def test_build_optimizer_unknown_name_lists_choices() -> None:
     expected = r"^unknown optimizer 'lamb'; choose from \['adamw', 'lars', 'sgd'\]$"
     with pytest.raises(ValueError, match=expected):
         build_optimizer("lamb", [], lr=0.1, momentum=0.9, weight_decay=0.0)
+
+
+def test_lars_norm_of_sum_is_simclr_and_byol_form() -> None:
+    """SimCLR's / BYOL's LARS adds the weight decay first and divides by the norm of the sum:
+    p = (3, 4), g = (-0.4, 0.3) is perpendicular to p with ||g|| = wd ||p|| = 0.5, where the two
+    forms differ most: ||g + wd p|| = sqrt(0.5) * (||g|| + wd ||p||)."""
+    p = nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    opt = LARS([p], lr=2.0, momentum=0.9, weight_decay=0.1, trust_coefficient=0.01,
+               trust_norm="norm_of_sum")  # fmt: skip
+    p.grad = torch.tensor([-0.4, 0.3], dtype=torch.float64)
+    opt.step()
+    d = [-0.4 + 0.3, 0.3 + 0.4]  # g + wd * p
+    ratio = 0.01 * 5.0 / _norm(d)
+    expected = [3.0 - 2.0 * d[0] * ratio, 4.0 - 2.0 * d[1] * ratio]
+    torch.testing.assert_close(p.detach(), torch.tensor(expected, dtype=torch.float64),
+                               rtol=0, atol=1e-15)  # fmt: skip
+    larc = nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    other = LARS([larc], lr=2.0, momentum=0.9, weight_decay=0.1, trust_coefficient=0.01)
+    larc.grad = torch.tensor([-0.4, 0.3], dtype=torch.float64)
+    other.step()
+    moved = _norm([a - b for a, b in zip(expected, [3.0, 4.0], strict=True)])
+    moved_larc = _norm([a - b for a, b in zip(larc.detach().tolist(), [3.0, 4.0], strict=True)])
+    assert moved_larc / moved == pytest.approx(math.sqrt(0.5), rel=1e-6)
+    with pytest.raises(ValueError, match="trust_norm"):
+        LARS([p], lr=1.0, trust_norm="l1")
