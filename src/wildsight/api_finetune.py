@@ -52,6 +52,7 @@ from wildsight.eval.models import (
     load_encoder,
     load_images,
     pretrained_state,
+    run_directory,
     save_classifier,
 )
 from wildsight.eval.report import confusion_matrix, top1_accuracy
@@ -194,7 +195,7 @@ def eval_finetune(
             + ("-random-init" if random_init else "")
             + (f"-head{k}" if keep_head_layers is not None else "")
         )
-    save_result(run, name, doc)
+    save_result(encoder.run_dir or run, name, doc)  # RUN_DIR also when `run` is a ckpt-*
     if json_path is not None:
         write_json(json_path, doc)
     if save_dir is not None:
@@ -242,8 +243,9 @@ def eval_lowshot(
     _check_outputs(json_path)
     check_plan(fractions, seeds)
     check_jobs(jobs, protocol)
-    partial = result_path(run, name, ".partial.jsonl")
     encoder = load_encoder(run)
+    run_dir = encoder.run_dir or Path(run)  # RUN_DIR also when `run` is one of its ckpt-*
+    partial = result_path(run_dir, name, ".partial.jsonl")
     train_set, test_set, test_y = _labelled_sets(train, test, encoder.config.data.image_size)
     k = head_layers_to_keep(encoder.config, keep_head_layers)
 
@@ -279,7 +281,7 @@ def eval_lowshot(
                        jobs=jobs)  # fmt: skip
     doc = {**settings, "rows": summarize(runs), "runs": [r.to_dict() for r in runs],
            "elapsed_s": time.perf_counter() - started}  # fmt: skip
-    save_result(run, name, doc)
+    save_result(run_dir, name, doc)
     partial.unlink(missing_ok=True)
     if json_path is not None:
         write_json(json_path, doc)
@@ -307,6 +309,16 @@ def _labels_shown(meta: dict) -> str:
     if was.get("fraction") is None:
         return f"all labels of {was.get('source')!r}"
     return f"fraction {was['fraction']:g} of {was.get('source')!r}, seed {was.get('seed')}"
+
+
+def _existing_run_directory(run: str | None) -> Path | None:
+    """RUN_DIR of a run or ckpt-* path that still exists, else None (moved or deleted)."""
+    if not run:
+        return None
+    try:
+        return run_directory(run)
+    except config_lib.ConfigError:
+        return None
 
 
 def distill(
@@ -387,12 +399,13 @@ def distill(
         student = Classifier(backbone, feature_dim(backbone, s_inputs), num_classes)
     else:
         s_run = student_checkpoint or meta.get("run")
-        if student_checkpoint is not None and not (Path(s_run) / "config.yaml").is_file():
+        found = _existing_run_directory(s_run)  # a run or one of its ckpt-* folders
+        if student_checkpoint is not None and found is None:
             raise FileNotFoundError(
                 f"--student-checkpoint {str(s_run)!r} is not a pretrain run (no config.yaml in "
                 "it); pass the --out folder of `wildsight pretrain`"
             )
-        if not s_run or not (Path(s_run) / "config.yaml").is_file():
+        if found is None:
             raise FileNotFoundError(
                 f"the student starts from the teacher's pretrain run {s_run!r}, which is not there; "
                 "pass --student-checkpoint RUN or --student-backbone NAME"
@@ -419,8 +432,9 @@ def distill(
            "train": None if labelled is None else source,
            "rows": [*rows, {"model": "student", "features": student_name, "top1": result.top1}],
            **result.to_dict(), "elapsed_s": time.perf_counter() - started}  # fmt: skip
-    if meta.get("run") and Path(meta["run"]).is_dir():
-        save_result(meta["run"], "distill", doc)
+    teacher_run = _existing_run_directory(meta.get("run"))
+    if teacher_run is not None:  # the teacher's run (its RUN_DIR, also from a ckpt-*) keeps it
+        save_result(teacher_run, "distill", doc)
     if json_path is not None:
         write_json(json_path, doc)
     if save_dir is not None:

@@ -261,6 +261,13 @@ def check_output_paths(args: argparse.Namespace) -> None:
         check_folder_target(args.save, "--save", own_files=CLASSIFIER_FILES)
 
 
+def _report_path(checkpoint: str) -> Path:
+    """RUN_DIR/report.html of `--checkpoint` RUN or RUN/checkpoints/ckpt-N."""
+    from wildsight.eval.models import run_directory
+
+    return run_directory(checkpoint) / "report.html"
+
+
 def pretrain_tree(args: argparse.Namespace) -> dict:
     """The config mapping of a pretrain command: recipe < --config < flags < --set."""
     tree: dict = {}
@@ -348,7 +355,7 @@ def _run(args: argparse.Namespace) -> int:
         shown = ("features", "layer", "k", "top1", "val_top1", "params")
         columns = [c for c in shown if c in rows[0]]
         print(format_table(rows, columns, title=f"{args.protocol}: {args.train} -> {args.test}"))
-        print(f"report: {Path(args.checkpoint) / 'report.html'}")
+        print(f"report: {_report_path(args.checkpoint)}")
     elif args.command == "eval":  # finetune | lowshot
         _run_finetune(args)
     elif args.command == "distill":
@@ -479,7 +486,7 @@ def _run_finetune(args: argparse.Namespace) -> None:
         columns = ["model", "fraction", "num_labels", "seeds", "mean_top1", "std_top1"]
         print(format_table(rows, columns, title=f"low-shot {doc['evaluation']}: {args.train} -> "
                                                 f"{args.test}, mean +- std over seeds"))  # fmt: skip
-    print(f"report: {Path(args.checkpoint) / 'report.html'}")
+    print(f"report: {_report_path(args.checkpoint)}")
 
 
 def _run_distill(args: argparse.Namespace) -> None:

@@ -356,3 +356,33 @@ def test_a_failing_lowshot_job_stops_the_call_with_its_error(run: tuple[Path, Pa
                     train.labels, fractions=(0.5,), seeds=2, jobs=2, threads=1, on_rows=kept.append,
                     cfg=FinetuneConfig(steps=2, batch_size=8, precision="fp32"))  # fmt: skip
     assert all(rows[0].model == "pretrained" for rows in kept)  # only finished runs, none broken
+
+
+def test_evals_of_a_checkpoint_folder_write_into_its_run(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """--checkpoint RUN/checkpoints/ckpt-N: results and report go to RUN (the checkpoint folder
+    is pruned by keep_last and must hold only the checkpoint), and the printed report path is
+    the one written. Fine-tuning, low-shot and distillation wrote into the checkpoint folder."""
+    folder = tmp_path / "images"
+    write_images(folder, 24)
+    out = tmp_path / "run"
+    assert main(tiny_cli_args(folder, out, steps=2)) == 0
+    ckpt = sorted((out / "checkpoints").glob("ckpt-*"))[-1]
+    inside = sorted(p.name for p in ckpt.iterdir())
+    data = ["--train", str(folder), "--test", str(folder)]
+    teacher = tmp_path / "teacher"
+    for args in (
+        ["eval", "knn", "--checkpoint", str(ckpt), *data, "--k", "1"],
+        ["eval", "finetune", "--checkpoint", str(ckpt), *data, "--fraction", "0.5",
+         "--save", str(teacher), *TINY],
+        ["eval", "lowshot", "--checkpoint", str(ckpt), *data, "--fractions", "0.5", "--seeds", "1",
+         *TINY],
+    ):  # fmt: skip
+        capsys.readouterr()
+        assert main(args) == 0
+        assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+    assert main(["distill", "--teacher", str(teacher), "--unlabelled", str(folder), "--test",
+                 str(folder), *TINY]) == 0  # fmt: skip
+    assert sorted(p.name for p in ckpt.iterdir()) == inside  # nothing written into the checkpoint
+    written = sorted(p.stem for p in (out / "eval").glob("*.json"))
+    assert written == ["distill", "finetune-0.5", "knn", "lowshot"]
+    assert (out / "report.html").is_file()

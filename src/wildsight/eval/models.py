@@ -108,6 +108,12 @@ def load_encoder(run: str | Path, *, random_init: bool = False, seed: int = 0) -
 _CKPT_NAME = "ckpt-"
 
 
+def run_directory(run: str | Path) -> Path:
+    """The run directory of RUN or of one of its checkpoints/ckpt-* (where eval/ and the
+    report go); ConfigError for anything else."""
+    return _locate(run)[0]
+
+
 def _locate(run: str | Path) -> tuple[Path, Path]:
     """(run directory, where its weights are): RUN -> (RUN, RUN/checkpoints);
     RUN/checkpoints/ckpt-N -> (RUN, that checkpoint)."""
