@@ -41,6 +41,10 @@ class DataConfig:
     )
     num_workers: int = 2
     max_skip_fraction: float = 0.5
+    # pretraining crops cover the whole picture (stored squashed to image_size, with its aspect
+    # ratio; data/decode.decode_whole) as SwAV/SEER/SimCLR/BYOL crop it; false: its centre
+    # square only. Evaluations always use the centre square.
+    whole_images: bool = True
 
 
 @dataclass(frozen=True)

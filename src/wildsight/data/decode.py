@@ -7,7 +7,8 @@ failure is a `Skip(key, reason)` that the loader counts and logs once.
 
 Two paths produce the `uint8 [3, S, S]` every batch is made of:
 - files: `read_file` -> `decode_resized` (Pillow; JPEG draft mode; bilinear resize of
-  the shorter side to S with antialias, then a centre crop);
+  the shorter side to S with antialias, then a centre crop), or `decode_whole` for
+  pretraining (the whole image squashed to S x S, with its aspect ratio);
 - in-memory tensors (Fashion-MNIST): `resize_center_crop` on whole batches in torch.
 """
 
@@ -187,6 +188,25 @@ def decode_resized(
         return Skip(key, f"corrupt: {_short(err)}")
     # numpy's transpose copy: torch's OpenMP one is ~100x slower on a busy machine
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [3, S, S]
+
+
+def decode_whole(
+    data: bytes, *, key: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[torch.Tensor, float] | Skip:
+    """Encoded bytes -> (uint8 [3, S, S], width / height): the WHOLE image resized to S x S
+    (bilinear, antialiased; squashed along its longer side) and its aspect ratio, so that
+    random crops can cover all of it with the geometry of the original (the crop sampler
+    stretches its boxes by the aspect ratio, views/ops.sample_crop_boxes)."""
+    img = _decode(data, key, max_pixels, draft_side=size)
+    if isinstance(img, Skip):
+        return img
+    try:
+        w, h = img.size
+        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        pixels = np.asarray(img, dtype=np.uint8).reshape(size, size, 3)  # [S, S, 3]
+    except Exception as err:  # noqa: BLE001
+        return Skip(key, f"corrupt: {_short(err)}")
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), w / h
 
 
 def _shorter_side_to(width: int, height: int, size: int) -> tuple[int, int]:

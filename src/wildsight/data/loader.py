@@ -44,6 +44,9 @@ class Batch:
     images: torch.Tensor  # uint8 [B, 3, S, S]
     indices: torch.Tensor  # int64 [B], index into the dataset
     labels: torch.Tensor  # int64 [B], -1 where unknown
+    # float32 [B]: width / height of what each image shows (the whole picture, squashed to
+    # S x S, when the loader decodes whole images); None: every image shows a square
+    aspects: torch.Tensor | None = None
 
 
 class SkipLog:
@@ -106,6 +109,7 @@ def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
 class _Decoded:
     images: torch.Tensor  # uint8 [b, 3, S, S], b <= len(task)
     indices: torch.Tensor  # int64 [b]
+    aspects: torch.Tensor | None  # float32 [b] with whole images, else None
     skips: list[Skip]
     attempted: int
     end_position: int  # epoch position once this batch is consumed
@@ -115,8 +119,10 @@ class _Decoded:
 class _Tasks(Dataset[_Decoded]):
     """Batch k of this rank's epoch = decode the precomputed indices `tasks[k]` (in a worker)."""
 
-    def __init__(self, dataset: ImageDataset, tasks: list[tuple[torch.Tensor, int]]):
-        self.dataset, self.tasks = dataset, tasks
+    def __init__(
+        self, dataset: ImageDataset, tasks: list[tuple[torch.Tensor, int]], whole: bool = False
+    ):
+        self.dataset, self.tasks, self.whole = dataset, tasks, whole
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -125,21 +131,27 @@ class _Tasks(Dataset[_Decoded]):
         indices, end_position = self.tasks[k]
         kept: list[torch.Tensor] = []
         kept_indices: list[int] = []
+        aspects: list[float] = []
         skips: list[Skip] = []
         by_source: dict[int, tuple[int, list[Skip]]] = {}
         for i, k in zip(indices.tolist(), self.dataset.source_ids(indices).tolist(), strict=True):
-            item = self.dataset.load(i)
+            item = self.dataset.load_whole(i) if self.whole else self.dataset.load(i)
             tried, failed = by_source.get(k, (0, []))
             by_source[k] = (tried + 1, failed + [item] if isinstance(item, Skip) else failed)
             if isinstance(item, Skip):
                 skips.append(item)
+            elif isinstance(item, tuple):  # (whole image, its aspect ratio)
+                kept.append(item[0])
+                aspects.append(item[1])
+                kept_indices.append(i)
             else:
                 kept.append(item)
                 kept_indices.append(i)
         size = self.dataset.image_size
         images = torch.stack(kept) if kept else torch.empty(0, 3, size, size, dtype=torch.uint8)
         picked = torch.tensor(kept_indices, dtype=torch.int64)
-        return _Decoded(images, picked, skips, len(indices), end_position, by_source)
+        shown = torch.tensor(aspects, dtype=torch.float32) if self.whole else None
+        return _Decoded(images, picked, shown, skips, len(indices), end_position, by_source)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -172,8 +184,11 @@ class Loader:
         max_skip_fraction: float = 0.5,
         skip_log: SkipLog | None = None,
         shuffle_block_size: int = DEFAULT_BLOCK_SIZE,
+        whole_images: bool = False,
     ):
-        """`shuffle_block_size`: shard streams only, samples per shuffle block per worker."""
+        """`shuffle_block_size`: shard streams only, samples per shuffle block per worker.
+        `whole_images`: batches show whole pictures squashed to S x S, with `Batch.aspects`
+        (pretraining crops then cover all of each picture); else each picture's centre square."""
         if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
             raise DataError(
                 f"need batch_size >= 1, num_workers >= 0 and 0 <= rank < world_size, got "
@@ -186,6 +201,7 @@ class Loader:
                 dataset, batch_size=batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
                 num_workers=num_workers, rank=rank, world_size=world_size, endless=endless,
                 block_size=shuffle_block_size, worker_init_fn=ignore_stop_signals,
+                whole_images=whole_images,
             )  # fmt: skip
         elif drop_last and len(dataset) < batch_size * world_size:
             raise DataError(
@@ -196,7 +212,7 @@ class Loader:
             raise DataError(f"{dataset.name} has {len(dataset)} images: rank {rank} gets none")
         self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
         self.drop_last, self.num_workers, self.endless = drop_last, num_workers, endless
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.whole_images = rank, world_size, whole_images
         self.max_skip_fraction = max_skip_fraction
         self.skip_log = skip_log if skip_log is not None else SkipLog()
         self.epoch, self.position = 0, 0
@@ -306,7 +322,8 @@ class Loader:
             self.epoch = stream.epoch
             self._account(item.attempted, item.skips)
             if len(item.indices):
-                yield Batch(item.images, item.indices, item.labels)
+                yield Batch(item.images, item.indices, item.labels,
+                            item.aspects if self.whole_images else None)  # fmt: skip
 
     def _run_epoch(self) -> Iterator[Batch]:
         tasks = self._tasks()
@@ -321,10 +338,10 @@ class Loader:
             self._account(decoded.attempted, decoded.skips, decoded.by_source)
             if len(decoded.indices):
                 labels = self._labels[decoded.indices]
-                yield Batch(decoded.images, decoded.indices, labels)
+                yield Batch(decoded.images, decoded.indices, labels, decoded.aspects)
 
     def _decode(self, tasks: list[tuple[torch.Tensor, int]]) -> Iterator[_Decoded]:
-        work = _Tasks(self.dataset, [t for t in tasks if len(t[0])])
+        work = _Tasks(self.dataset, [t for t in tasks if len(t[0])], whole=self.whole_images)
         if self.num_workers == 0 or len(work) == 0:
             yield from (work[k] for k in range(len(work)))
             return

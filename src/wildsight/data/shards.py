@@ -38,7 +38,13 @@ from dataclasses import dataclass
 
 import torch
 
-from wildsight.data.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Skip, decode_resized
+from wildsight.data.decode import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    Skip,
+    decode_resized,
+    decode_whole,
+)
 from wildsight.data.sources import DataError, image_extensions
 
 INDEX_NAME = "index.json"
@@ -333,6 +339,14 @@ class ShardDataset:
     def decode(self, sample: RawSample) -> tuple[torch.Tensor, int] | Skip:
         """-> (uint8 [3, S, S], label or -1), or Skip naming `<shard>#<key>` (a sample lost
         from a damaged shard, which has no key: `<shard>[<ordinal>]`, as `key()` names it)."""
+        decoded = self.decode_whole(sample, whole=False)
+        return decoded if isinstance(decoded, Skip) else decoded[:2]
+
+    def decode_whole(
+        self, sample: RawSample, *, whole: bool = True
+    ) -> tuple[torch.Tensor, int, float] | Skip:
+        """-> (uint8 [3, S, S], label or -1, width / height of what the square shows): the whole
+        picture squashed (`decode_whole`), or (whole=False) its centre square, aspect 1."""
         path = self.shards[sample.shard]
         where = f"{path}#{sample.key}" if sample.key else f"{path}[{sample.offset}]"
         if sample.problem:
@@ -340,12 +354,16 @@ class ShardDataset:
         ext = next((e for e in sample.members if is_picture(e)), None)
         if ext is None:
             return Skip(where, "no picture member")
-        image = decode_resized(
-            sample.members[ext], key=where, size=self.image_size, max_pixels=self.max_pixels
-        )
+        data, size, limit = sample.members[ext], self.image_size, self.max_pixels
+        if whole:
+            picture = decode_whole(data, key=where, size=size, max_pixels=limit)
+            if isinstance(picture, Skip):
+                return picture
+            return picture[0], self._label(sample), picture[1]
+        image = decode_resized(data, key=where, size=size, max_pixels=limit)
         if isinstance(image, Skip):
             return image
-        return image, self._label(sample)
+        return image, self._label(sample), 1.0
 
     def _label(self, sample: RawSample) -> int:
         text = sample.members.get("cls", b"").strip()

@@ -36,6 +36,7 @@ from wildsight.data.decode import (
     DEFAULT_MAX_PIXELS,
     Skip,
     decode_resized,
+    decode_whole,
     read_file,
     resize_center_crop,
 )
@@ -107,6 +108,10 @@ class IdxSource:
     def load(self, i: int, size: int, max_pixels: int) -> torch.Tensor | Skip:
         return self.gather(torch.tensor([i]), size)[0]
 
+    def load_whole(self, i: int, size: int, max_pixels: int) -> tuple[torch.Tensor, float] | Skip:
+        image = self.load(i, size, max_pixels)  # IDX images are square: whole = centre square
+        return image if isinstance(image, Skip) else (image, 1.0)
+
 
 class FileSource:
     """Image files named by path; decoded on demand (in loader workers)."""
@@ -137,6 +142,13 @@ class FileSource:
         if isinstance(data, Skip):
             return data
         return decode_resized(data, key=path, size=size, max_pixels=max_pixels)
+
+    def load_whole(self, i: int, size: int, max_pixels: int) -> tuple[torch.Tensor, float] | Skip:
+        path = self.key(i)
+        data = read_file(path)
+        if isinstance(data, Skip):
+            return data
+        return decode_whole(data, key=path, size=size, max_pixels=max_pixels)
 
 
 Source = IdxSource | FileSource
@@ -362,6 +374,12 @@ class ImageDataset:
     def load(self, i: int) -> torch.Tensor | Skip:
         source, local = self._locate(i)
         return source.load(local, self.image_size, self.max_pixels)
+
+    def load_whole(self, i: int) -> tuple[torch.Tensor, float] | Skip:
+        """The whole image squashed to S x S and its width / height (`decode_whole`), for
+        pretraining crops that may cover all of it; `load` gives the centre square."""
+        source, local = self._locate(i)
+        return source.load_whole(local, self.image_size, self.max_pixels)
 
     def labels(self) -> torch.Tensor:
         """int64 [N]: class index into `classes`, -1 where unknown."""

@@ -73,6 +73,7 @@ class SlotConfig:
     num_slots: int
     block_size: int
     endless: bool
+    whole: bool = False  # decode whole pictures with their aspect ratio (pretraining)
 
 
 def _read_from(
@@ -137,6 +138,7 @@ class StreamBatch:
     images: torch.Tensor  # uint8 [b, 3, S, S]
     indices: torch.Tensor  # int64 [b], ShardDataset.index(shard, offset)
     labels: torch.Tensor  # int64 [b], -1 where unknown
+    aspects: torch.Tensor  # float32 [b], width / height of what each image shows
     skips: list[Skip]
     attempted: int  # samples (and damaged shards) consumed by this batch
     worker: int
@@ -160,6 +162,7 @@ def slot_batches(
     images: list[torch.Tensor] = []
     indices: list[int] = []
     labels: list[int] = []
+    aspects: list[float] = []
     skips: list[Skip] = []
     attempted, good_in_epoch, epoch = 0, 0, int(state["epoch"])
     whole_epoch = state == fresh_state(epoch)
@@ -171,12 +174,13 @@ def slot_batches(
             torch.stack(kept) if kept else torch.empty(0, 3, size, size, dtype=torch.uint8),
             torch.tensor(indices if keep else [], dtype=torch.int64),
             torch.tensor(labels if keep else [], dtype=torch.int64),
+            torch.tensor(aspects if keep else [], dtype=torch.float32),
             list(skips), attempted, worker, dict(after),
         )  # fmt: skip
 
     for item, after in slot_items(ds, slot, cfg, state):
         attempted += 1
-        decoded = item if isinstance(item, Skip) else ds.decode(item)
+        decoded = item if isinstance(item, Skip) else ds.decode_whole(item, whole=cfg.whole)
         if isinstance(decoded, Skip):
             skips.append(decoded)
         else:
@@ -184,6 +188,7 @@ def slot_batches(
             images.append(decoded[0])
             indices.append(ds.index(item.shard, item.offset))
             labels.append(decoded[1])
+            aspects.append(decoded[2])
             good_in_epoch += 1
         if after["epoch"] != epoch:  # this item closed the slot's epoch
             if cfg.endless and whole_epoch and good_in_epoch == 0:
@@ -195,7 +200,7 @@ def slot_batches(
             epoch, good_in_epoch, whole_epoch = after["epoch"], 0, True
         if len(images) == batch_size:
             yield batch(True)
-            images, indices, labels, skips, attempted = [], [], [], [], 0
+            images, indices, labels, aspects, skips, attempted = [], [], [], [], [], 0
     if attempted:
         yield batch(not drop_last)
 
@@ -268,6 +273,7 @@ class ShardStream:
         endless: bool = False,
         block_size: int = DEFAULT_BLOCK_SIZE,
         worker_init_fn: Callable[[int], None] | None = None,
+        whole_images: bool = False,
     ):
         if len(ds.shards) < world_size:
             raise DataError(
@@ -279,7 +285,8 @@ class ShardStream:
         self.ds, self.batch_size, self.drop_last = ds, batch_size, drop_last
         self.rank, self.world_size, self.processes = rank, world_size, num_workers > 0
         self.workers = max(1, min(num_workers, len(ds.shards) // world_size))  # slots per rank
-        self.cfg = SlotConfig(seed, shuffle, world_size * self.workers, block_size, endless)
+        self.cfg = SlotConfig(seed, shuffle, world_size * self.workers, block_size, endless,
+                              whole_images)  # fmt: skip
         self.states = {self.slot(w): fresh_state() for w in range(self.workers)}
         self.next_worker = 0
         self.worker_init_fn = worker_init_fn

@@ -181,7 +181,8 @@ def trim_batch(batch: Batch) -> Batch:
     m = int(n.item())
     if m == len(batch.images):
         return batch
-    return Batch(batch.images[:m], batch.indices[:m], batch.labels[:m])
+    aspects = None if batch.aspects is None else batch.aspects[:m]
+    return Batch(batch.images[:m], batch.indices[:m], batch.labels[:m], aspects)
 
 
 def forward_backward(

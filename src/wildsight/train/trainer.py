@@ -74,6 +74,7 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
         rank=distributed.rank(), world_size=distributed.world_size(),  # parallel: this rank's share
         seed=t.seed, shuffle=True, drop_last=True, num_workers=cfg.data.num_workers, endless=True,
         max_skip_fraction=cfg.data.max_skip_fraction, skip_log=skips,
+        whole_images=cfg.data.whole_images,
     )  # fmt: skip
     backbone = build_backbone(cfg.backbone.name, small_input=bool(cfg.backbone.small_input))
     backbone.set_grad_checkpointing(cfg.backbone.grad_checkpointing)
@@ -213,7 +214,8 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
                 # and takes those of its own positions: views do not depend on the process count
                 gen = view_generator(t.seed, step, 0)
                 rows = parallel.global_rows(len(images))  # int64 [B], positions in the global batch
-                views = make_views(images, cfg.views, gen, rows=rows, num_rows=t.batch_size)
+                views = make_views(images, cfg.views, gen, rows=rows, num_rows=t.batch_size,
+                                   aspects=batch.aspects)  # fmt: skip
                 views = [v.contiguous(memory_format=memory_format) for v in views]
                 lr = learning_rate(step, last_loss)
                 for group in optimizer.param_groups:  # lr_scale: a method's per-module factor

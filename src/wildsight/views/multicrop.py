@@ -155,11 +155,13 @@ class ViewParams:
 
 
 def sample_view_params(
-    group: CropGroup, n: int, height: int, width: int, generator: torch.Generator
-) -> ViewParams:
-    """Draw one view's parameters; the draw count depends only on n, never on outcomes."""
+    group: CropGroup, n: int, height: int, width: int, generator: torch.Generator,
+    aspects: Tensor | None = None,
+) -> ViewParams:  # fmt: skip
+    """Draw one view's parameters; the draw count depends only on n, never on outcomes.
+    aspects: float [n], width / height of the picture each image shows squashed (None: W / H)."""
     aug = group.augment
-    boxes = ops.sample_crop_boxes(n, height, width, group.scale, group.ratio, generator)
+    boxes = ops.sample_crop_boxes(n, height, width, group.scale, group.ratio, generator, aspects)
     flip = ops.sample_bernoulli(n, aug.flip_p, generator)
     jitter = ops.sample_bernoulli(n, aug.color_jitter_p, generator)
     factors, order = ops.sample_color_jitter(
@@ -195,6 +197,7 @@ def make_views(
     *,
     rows: Tensor | None = None,
     num_rows: int | None = None,
+    aspects: Tensor | None = None,
 ) -> list[Tensor]:
     """uint8 [B, 3, H, W] (or [B, 1, H, W], repeated to RGB) on any device -> spec.num_views
     tensors float32 [B, 3, size, size] on that device, group by group, view by view.
@@ -206,6 +209,10 @@ def make_views(
     parameters of all `num_rows` are drawn and image i gets those of row rows[i]. A process of
     a distributed run thereby crops its share exactly as one process crops the whole global
     batch (train/parallel.py). Default: rows 0..B-1 of a batch of B.
+
+    aspects: float [B], the width / height of the picture each image shows squashed to H x W
+    (data.decode_whole); crops are then drawn with the picture's geometry (ops.sample_crop_boxes).
+    None: each image is the picture itself. The draws do not depend on them.
     """
     if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
         raise ValueError(f"make_views needs a CPU torch.Generator, got {generator!r}")
@@ -214,11 +221,17 @@ def make_views(
     total = n if num_rows is None else num_rows
     if rows is not None and (rows.shape != (n,) or int(rows.min()) < 0 or int(rows.max()) >= total):
         raise ValueError(f"make_views rows must be {n} indices in [0, {total}), got {rows}")
+    if aspects is not None and (aspects.shape != (n,) or not bool((aspects > 0).all())):
+        raise ValueError(f"make_views aspects must be {n} ratios > 0, got {aspects}")
+    every = None  # the aspects of all `total` rows (rows of other processes: 1, crops unused)
+    if aspects is not None:
+        every = torch.ones(total, dtype=torch.float64)
+        every[torch.arange(n) if rows is None else rows] = aspects.detach().cpu().double()
     pyramid = ops.ImagePyramid(x)
     views = []
     for group in spec.groups:
         for _ in range(group.count):
-            params = sample_view_params(group, total, height, width, generator)
+            params = sample_view_params(group, total, height, width, generator, every)
             if rows is not None or total != n:
                 picked = torch.arange(n) if rows is None else rows
                 params = ViewParams(*(getattr(params, f.name)[picked] for f in fields(params)))

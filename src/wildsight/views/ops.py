@@ -55,6 +55,7 @@ def sample_crop_boxes(
     scale: tuple[float, float],
     ratio: tuple[float, float],
     generator: torch.Generator,
+    aspects: Tensor | None = None,
 ) -> Tensor:
     """Per-image crop boxes [n, 4] int64 as (top, left, box_height, box_width), in pixels.
 
@@ -62,11 +63,19 @@ def sample_crop_boxes(
     area ~ U(scale) * H * W and aspect ratio w/h log-uniform in `ratio`; the first try that
     fits is kept, and an image where none fits gets the centre crop clamped to `ratio`.
     All 10 tries are drawn for every image so the generator advances by a fixed amount.
+
+    aspects (float [n], default all 1): width / height of the picture each H x W image shows
+    squashed (data.decode_whole). Area fractions survive the squash, aspect ratios are divided
+    by it, so a box drawn with ratio r / a in the image is the box of ratio r of the picture:
+    the crop, resized to its output size, is the one RandomResizedCrop takes from the picture.
     """
     area = height * width
     target_area = area * (scale[0] + (scale[1] - scale[0]) * _rand64(n, CROP_TRIES, generator))
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * _rand64(n, CROP_TRIES, generator))
+    shown = None if aspects is None else aspects.to(torch.float64).reshape(n, 1)  # [n, 1]
+    if shown is not None:
+        aspect = aspect / shown  # in the squashed image's pixels
     w = torch.round(torch.sqrt(target_area * aspect)).long()  # [n, tries]
     h = torch.round(torch.sqrt(target_area / aspect)).long()  # [n, tries]
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # [n, tries]
@@ -75,17 +84,27 @@ def sample_crop_boxes(
     u_top, u_left = _rand64(n, 1, generator).squeeze(1), _rand64(n, 1, generator).squeeze(1)
     top = torch.minimum((u_top * (height - h + 1)).long(), height - h)  # randint(0, H - h + 1)
     left = torch.minimum((u_left * (width - w + 1)).long(), width - w)
-    # fallback: the whole image, trimmed to the nearest allowed aspect ratio, centred
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        fw, fh = int(round(height * ratio[1])), height
-    else:
-        fw, fh = width, height
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw])
     boxes = torch.stack([top, left, h, w], dim=1)  # [n, 4]
+    # fallback: the whole picture, trimmed to the nearest allowed aspect ratio, centred
+    if shown is None:
+        fallback = _fallback_box(width / height, height, width, ratio)
+    else:
+        fallback = torch.stack([_fallback_box(float(a), height, width, ratio) for a in shown[:, 0]])
     return torch.where(fits.any(dim=1, keepdim=True), boxes, fallback)
+
+
+def _fallback_box(picture: float, height: int, width: int, ratio: tuple[float, float]) -> Tensor:
+    """(top, left, h, w) in an H x W image of the centred box of the picture it shows (aspect
+    `picture` = its width / height; W / H when not squashed) trimmed to the nearest aspect in
+    `ratio`: a too tall picture keeps its width and a height of width / ratio[0], a too wide
+    one its height and a width of height x ratio[1], both scaled into the image's pixels."""
+    fw, fh = width, height
+    if picture < ratio[0]:
+        fh = int(round(picture * height / ratio[0]))
+    elif picture > ratio[1]:
+        fw = int(round(ratio[1] * width / picture))
+    fw, fh = max(1, min(fw, width)), max(1, min(fh, height))
+    return torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw])
 
 
 def sample_cutout_boxes(

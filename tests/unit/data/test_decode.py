@@ -292,3 +292,23 @@ def _unprivileged(uid: int = 65534, gid: int = 65534) -> Iterator[None]:
     finally:
         os.seteuid(0)
         os.setegid(0)
+
+
+def test_whole_decode_keeps_the_edges_that_the_centre_square_cuts():
+    """A 4:3 picture with white bands on its outer tenths (left and right): the centre square
+    (its middle 3/4) loses them, decode_whole keeps them (squashed) and reports the picture's
+    aspect ratio."""
+    from wildsight.data.decode import decode_whole
+
+    pixels = np.zeros((300, 400, 3), dtype=np.uint8)
+    pixels[:, :40] = pixels[:, -40:] = 255  # the outer 1/10 of the width on each side
+    data = encode(Image.fromarray(pixels), "PNG")
+    centre = decode_resized(data, key="p.png", size=64)
+    image, aspect = decode_whole(data, key="p.png", size=64)
+    assert aspect == pytest.approx(4 / 3) and image.shape == (3, 64, 64)
+    assert int(centre.max()) < 128  # the bands are outside the centre square
+    # squashed, each band is 64 / 10 = 6.4 columns wide: white there, black in the middle
+    assert int(image[:, :, :5].min()) > 200 and int(image[:, :, -5:].min()) > 200
+    assert int(image[:, :, 12:52].max()) < 50
+    broken = decode_whole(b"not a picture", key="b.png", size=64)
+    assert isinstance(broken, Skip) and broken.key == "b.png"

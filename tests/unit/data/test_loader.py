@@ -251,3 +251,27 @@ def test_fashion_mnist_loader_is_fast():
     rate = count / (time.perf_counter() - start)
     assert count == 60000 // 256 * 256 and batch.images.shape == (256, 3, 28, 28)
     assert rate > 20_000, f"{rate:.0f} img/s"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_whole_images_come_with_their_aspect_ratios(tmp_path, workers):
+    """whole_images: each batch holds the pictures squashed to S x S and Batch.aspects their
+    width / height (files of three shapes here, decoded in workers too); otherwise aspects None
+    and the images are the centre squares; an IDX source is square (aspect 1)."""
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    shapes = {"wide": (30, 15), "tall": (10, 20), "square": (12, 12)}
+    for k in range(12):
+        name = list(shapes)[k % 3]
+        Image.new("RGB", shapes[name], (k, 0, 0)).save(folder / f"{name}{k:02d}.png")
+    ds = open_dataset([str(folder)], image_size=8)
+    loader = Loader(ds, batch_size=4, seed=0, num_workers=workers, whole_images=True)
+    seen = {}
+    for batch in loader:
+        assert batch.images.shape == (4, 3, 8, 8) and batch.aspects.dtype == torch.float32
+        for i, a in zip(batch.indices.tolist(), batch.aspects.tolist(), strict=True):
+            seen[os.path.basename(ds.key(i))[:-6]] = a
+    assert seen == {name: w / h for name, (w, h) in shapes.items()}
+    assert all(b.aspects is None for b in Loader(ds, batch_size=4, seed=0))
+    idx = Loader(idx_dataset(tmp_path, 12), batch_size=4, seed=0, whole_images=True)
+    assert all(b.aspects is None or bool((b.aspects == 1).all()) for b in idx)

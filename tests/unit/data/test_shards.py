@@ -205,11 +205,11 @@ def test_resume_continues_exactly_and_replays_nothing(packed, monkeypatch):
         return Loader(ds, batch_size=3, seed=4, endless=True, num_workers=workers, shuffle_block_size=4)  # fmt: skip
 
     decoded: list[str] = []
-    original = ShardDataset.decode
+    original = ShardDataset.decode_whole  # what the stream calls (whole=False: centre square)
 
-    def counting(self, sample):
+    def counting(self, sample, **kw):
         decoded.append(sample.key)
-        return original(self, sample)
+        return original(self, sample, **kw)
 
     for workers in (0, 2):
         reference = list(itertools.islice(make(workers), 17))  # 51 samples: 2+ epochs
@@ -220,9 +220,9 @@ def test_resume_continues_exactly_and_replays_nothing(packed, monkeypatch):
         resumed = make(workers)
         resumed.load_state_dict(state)
         decoded.clear()
-        monkeypatch.setattr(ShardDataset, "decode", counting)
+        monkeypatch.setattr(ShardDataset, "decode_whole", counting)
         tail = list(itertools.islice(resumed, 10))
-        monkeypatch.setattr(ShardDataset, "decode", original)
+        monkeypatch.setattr(ShardDataset, "decode_whole", original)
         if workers == 0:  # (workers decode in their own processes, out of sight)
             assert len(decoded) == 30  # exactly the samples of the 10 batches: no replay
         for a, b in zip(head + tail, reference, strict=True):

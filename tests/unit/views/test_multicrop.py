@@ -191,3 +191,22 @@ def test_same_seed_same_views_on_cuda():
     for c, g in zip(cpu, gpu, strict=True):
         assert g.device.type == "cuda"
         torch.testing.assert_close(g.cpu(), c, atol=1e-4, rtol=0)
+
+
+def test_a_process_crops_its_rows_by_their_own_aspect_ratios_as_one_process_does():
+    """Whole images of several shapes: rank r of 2 (rows r, r + 2, ...) gets exactly the views
+    one process makes of those rows of the whole batch, its aspects only known locally; the
+    aspects change the crops (and 1 everywhere is the same as none)."""
+    images, aspects = _uint8(n=8), torch.tensor([1.0, 2.0, 0.5, 1.5, 3.0, 1.0, 0.75, 4.0])
+    whole = make_views(images, SMALL, _gen(3), aspects=aspects)
+    for rank in (0, 1):
+        rows = torch.arange(rank, 8, 2)
+        mine = make_views(images[rows], SMALL, _gen(3), rows=rows, num_rows=8,
+                          aspects=aspects[rows])  # fmt: skip
+        assert all(torch.equal(a[rows], b) for a, b in zip(whole, mine, strict=True))
+    plain = make_views(images, SMALL, _gen(3))
+    assert not torch.equal(plain[0][1], whole[0][1])  # row 1 shows a 2:1 picture
+    ones = make_views(images, SMALL, _gen(3), aspects=torch.ones(8))
+    assert all(torch.equal(a, b) for a, b in zip(plain, ones, strict=True))
+    with pytest.raises(ValueError, match="aspects must be 8 ratios > 0"):
+        make_views(images, SMALL, _gen(3), aspects=torch.zeros(8))

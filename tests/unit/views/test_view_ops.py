@@ -119,6 +119,28 @@ def test_box_fallback_is_the_centre_crop_trimmed_to_the_ratio():
     assert boxes.tolist() == [[25, 0, 50, 100]] * 8
 
 
+@pytest.mark.parametrize(
+    ("width", "height", "scale"),
+    [(300, 200, (0.08, 1.0)), (200, 320, (0.14, 1.0)), (400, 100, (1.0, 1.0))],  # last: fallback
+)
+def test_boxes_in_a_squashed_image_are_the_boxes_of_the_picture(width, height, scale):
+    """A W x H picture stored squashed to S x S with its aspect W / H gets, draw for draw, the
+    crops RandomResizedCrop takes from the picture itself: the same boxes as fractions of each
+    side, up to the pixel rounding of both (the fallback included: 4:1 fits no 3:4-4:3 box)."""
+    n, side, ratio = 4000, 200, (3 / 4, 4 / 3)
+    picture = ops.sample_crop_boxes(n, height, width, scale, ratio, _gen(5)).double()
+    aspects = torch.full((n,), width / height)
+    squashed = ops.sample_crop_boxes(n, side, side, scale, ratio, _gen(5), aspects).double()
+    as_fraction = picture / torch.tensor([height, width, height, width])
+    got = squashed / side
+    tolerance = 2.5 / min(side, width, height)  # rounding to pixels in either image
+    assert (got - as_fraction).abs().max() < tolerance
+    assert torch.equal(  # no aspects, or aspects of 1: the square image is the picture
+        ops.sample_crop_boxes(64, side, side, scale, ratio, _gen(6)),
+        ops.sample_crop_boxes(64, side, side, scale, ratio, _gen(6), torch.ones(64)),
+    )
+
+
 def test_box_sampling_is_seeded():
     a = ops.sample_crop_boxes(64, 100, 100, (0.1, 1.0), (0.75, 1.33), _gen(3))
     b = ops.sample_crop_boxes(64, 100, 100, (0.1, 1.0), (0.75, 1.33), _gen(3))
