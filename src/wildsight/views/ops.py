@@ -86,25 +86,22 @@ def sample_crop_boxes(
     left = torch.minimum((u_left * (width - w + 1)).long(), width - w)
     boxes = torch.stack([top, left, h, w], dim=1)  # [n, 4]
     # fallback: the whole picture, trimmed to the nearest allowed aspect ratio, centred
-    if shown is None:
-        fallback = _fallback_box(width / height, height, width, ratio)
-    else:
-        fallback = torch.stack([_fallback_box(float(a), height, width, ratio) for a in shown[:, 0]])
+    picture = (
+        torch.full((n,), width / height, dtype=torch.float64) if shown is None else shown[:, 0]
+    )
+    fallback = _fallback_boxes(picture, height, width, ratio)  # [n, 4]
     return torch.where(fits.any(dim=1, keepdim=True), boxes, fallback)
 
 
-def _fallback_box(picture: float, height: int, width: int, ratio: tuple[float, float]) -> Tensor:
-    """(top, left, h, w) in an H x W image of the centred box of the picture it shows (aspect
-    `picture` = its width / height; W / H when not squashed) trimmed to the nearest aspect in
-    `ratio`: a too tall picture keeps its width and a height of width / ratio[0], a too wide
-    one its height and a width of height x ratio[1], both scaled into the image's pixels."""
-    fw, fh = width, height
-    if picture < ratio[0]:
-        fh = int(round(picture * height / ratio[0]))
-    elif picture > ratio[1]:
-        fw = int(round(ratio[1] * width / picture))
-    fw, fh = max(1, min(fw, width)), max(1, min(fh, height))
-    return torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw])
+def _fallback_boxes(picture: Tensor, height: int, width: int, ratio: tuple[float, float]) -> Tensor:
+    """[n, 4] (top, left, h, w) in an H x W image of the centred box of the picture it shows
+    (aspect `picture` [n] = its width / height; W / H when not squashed) trimmed to the nearest
+    aspect in `ratio`: a too tall picture keeps its width and a height of width / ratio[0], a too
+    wide one its height and a width of height x ratio[1], both scaled into the image's pixels."""
+    fh = torch.where(picture < ratio[0], torch.round(picture * height / ratio[0]), float(height))
+    fw = torch.where(picture > ratio[1], torch.round(ratio[1] * width / picture), float(width))
+    fh, fw = fh.long().clamp(1, height), fw.long().clamp(1, width)
+    return torch.stack([(height - fh) // 2, (width - fw) // 2, fh, fw], dim=1)
 
 
 def sample_cutout_boxes(
