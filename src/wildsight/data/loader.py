@@ -140,12 +140,10 @@ class _Tasks(Dataset[_Decoded]):
             by_source[k] = (tried + 1, failed + [item] if isinstance(item, Skip) else failed)
             if isinstance(item, Skip):
                 skips.append(item)
-            elif isinstance(item, tuple):  # (whole image, its aspect ratio)
-                kept.append(item[0])
-                aspects.append(item[1])
-                kept_indices.append(i)
-            else:
-                kept.append(item)
+            else:  # load_whole gives (whole image, its aspect ratio)
+                image, aspect = item if isinstance(item, tuple) else (item, 1.0)
+                kept.append(image)
+                aspects.append(aspect)
                 kept_indices.append(i)
         size = self.dataset.image_size
         images = torch.stack(kept) if kept else torch.empty(0, 3, size, size, dtype=torch.uint8)
