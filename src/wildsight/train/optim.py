@@ -15,6 +15,9 @@ from torch import nn
 __all__ = ["LARS", "OPTIMIZERS", "TRUST_NORMS", "build_optimizer", "param_groups"]
 
 TRUST_NORMS = ("sum_of_norms", "norm_of_sum")  # LARC (SwAV, SEER); SimCLR's and BYOL's LARS
+# what the momentum buffer sums: gradients, the LR applied after (torch SGD, so LARC in SwAV and
+# SEER), or updates already scaled by the LR of their step (SimCLR's TF LARS, BYOL's optax)
+MOMENTUM_OF = ("gradient", "update")
 
 
 class LARS(torch.optim.Optimizer):
@@ -42,6 +45,10 @@ class LARS(torch.optim.Optimizer):
     ``||p||`` or ``||d||`` is 0). It differs from LARC's ratio when g and p are not parallel
     (by up to 1/sqrt(2), at g perpendicular to p and ||g|| == wd * ||p||).
 
+    ``momentum_of="update"`` keeps the LR inside the momentum buffer as SimCLR's and BYOL's
+    optimisers do (``buf <- m * buf + lr * g; p <- p - buf``): the same steps at a constant LR,
+    but while the LR warms up or decays, earlier steps keep the LR they were taken with.
+
     A param group with ``"lars_exclude": True`` gets neither the trust ratio nor any special
     treatment: ``g <- g + wd * p`` with the group's own wd (0 for bias/norm from
     ``param_groups``), then the same momentum update, i.e. plain ``torch.optim.SGD``.
@@ -59,6 +66,7 @@ class LARS(torch.optim.Optimizer):
         trust_coefficient: float = 0.001,
         eps: float = 1e-8,
         trust_norm: str = "sum_of_norms",
+        momentum_of: str = "gradient",
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -72,6 +80,8 @@ class LARS(torch.optim.Optimizer):
             raise ValueError(f"eps must be >= 0, got {eps}")
         if trust_norm not in TRUST_NORMS:
             raise ValueError(f"trust_norm must be one of {TRUST_NORMS}, got {trust_norm!r}")
+        if momentum_of not in MOMENTUM_OF:
+            raise ValueError(f"momentum_of must be one of {MOMENTUM_OF}, got {momentum_of!r}")
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -79,6 +89,7 @@ class LARS(torch.optim.Optimizer):
             "trust_coefficient": trust_coefficient,
             "eps": eps,
             "trust_norm": trust_norm,
+            "momentum_of": momentum_of,
             "lars_exclude": False,
         }
         super().__init__(params, defaults)
@@ -113,6 +124,9 @@ class LARS(torch.optim.Optimizer):
                     ratio = eta * p_norm / (g_norm + wd * p_norm + eps)
                     # LARC: scaled (g + wd p) where the norms are positive, else g untouched.
                     g = torch.where(apply, g.add(p, alpha=wd) * ratio, g)
+                step_lr = lr
+                if group["momentum_of"] == "update":  # SimCLR / BYOL: the LR inside the buffer
+                    g, step_lr = g * lr, 1.0
                 if momentum != 0.0:
                     state = self.state[p]
                     buf = state.get("momentum_buffer")
@@ -121,7 +135,7 @@ class LARS(torch.optim.Optimizer):
                     else:
                         buf.mul_(momentum).add_(g)
                     g = buf
-                p.add_(g, alpha=-lr)
+                p.add_(g, alpha=-step_lr)
         return loss
 
 

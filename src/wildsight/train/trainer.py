@@ -89,7 +89,7 @@ def pretrain(cfg: Config, *, resume: bool = False) -> TrainResult:
                           lr_scales=method.lr_scales())  # fmt: skip
     for group in groups:
         group["trust_coefficient"] = o.trust_coefficient  # read by LARS only
-        group["trust_norm"] = o.trust_norm
+        group["trust_norm"], group["momentum_of"] = o.trust_norm, o.momentum_of
     optimizer = build_optimizer(
         o.name, groups, lr=o.lr * scale, momentum=o.momentum, weight_decay=o.weight_decay
     )

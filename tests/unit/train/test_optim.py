@@ -217,3 +217,40 @@ def test_lars_norm_of_sum_is_simclr_and_byol_form() -> None:
     assert moved_larc / moved == pytest.approx(math.sqrt(0.5), rel=1e-6)
     with pytest.raises(ValueError, match="trust_norm"):
         LARS([p], lr=1.0, trust_norm="l1")
+
+
+def test_momentum_of_updates_keeps_each_steps_lr_in_the_buffer() -> None:
+    """SimCLR's TF LARS and BYOL's optax chain sum LR-scaled updates: v <- m v + lr_t u_t,
+    p <- p - v. With a warming-up LR this differs from torch's p <- p - lr_t (m b + u_t)."""
+    p0, grads, lrs = [3.0, 4.0], [[0.5, -0.2], [0.1, 0.3]], [0.5, 2.0]
+    m, wd, eta = 0.9, 0.1, 0.01
+
+    def scaled(p: list[float], g: list[float]) -> list[float]:  # norm_of_sum trust ratio
+        d = [gi + wd * pi for gi, pi in zip(g, p, strict=True)]
+        ratio = eta * _norm(p) / _norm(d)
+        return [di * ratio for di in d]
+
+    p, v = list(p0), [0.0, 0.0]
+    for g, lr in zip(grads, lrs, strict=True):  # the reference, in plain floats
+        u = scaled(p, g)
+        v = [m * vi + lr * ui for vi, ui in zip(v, u, strict=True)]
+        p = [pi - vi for pi, vi in zip(p, v, strict=True)]
+    param = nn.Parameter(torch.tensor(p0, dtype=torch.float64))
+    opt = LARS([param], lr=lrs[0], momentum=m, weight_decay=wd, trust_coefficient=eta,
+               trust_norm="norm_of_sum", momentum_of="update")  # fmt: skip
+    for g, lr in zip(grads, lrs, strict=True):
+        opt.param_groups[0]["lr"] = lr
+        param.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+    torch.testing.assert_close(param.detach(), torch.tensor(p, dtype=torch.float64),
+                               rtol=0, atol=1e-15)  # fmt: skip
+    torchlike = nn.Parameter(torch.tensor(p0, dtype=torch.float64))
+    other = LARS([torchlike], lr=lrs[0], momentum=m, weight_decay=wd, trust_coefficient=eta,
+                 trust_norm="norm_of_sum")  # fmt: skip
+    for g, lr in zip(grads, lrs, strict=True):
+        other.param_groups[0]["lr"] = lr
+        torchlike.grad = torch.tensor(g, dtype=torch.float64)
+        other.step()
+    assert not torch.allclose(torchlike, param)  # the LR rose: the two forms differ
+    with pytest.raises(ValueError, match="momentum_of"):
+        LARS([param], lr=1.0, momentum_of="both")
