@@ -78,8 +78,8 @@ class OptimConfig:
     # LARS's ratio eta ||w|| / (||g|| + wd ||w||) as LARC (SwAV, SEER), or eta ||w|| / ||g + wd w||
     # as SimCLR's and BYOL's LARS
     trust_norm: Literal["sum_of_norms", "norm_of_sum"] = "sum_of_norms"
-    # LARS's momentum sums gradients, the LR applied after (torch SGD: SwAV, SEER), or updates
-    # already scaled by their step's LR (SimCLR's and BYOL's optimisers)
+    # LARS's momentum sums gradients, the LR applied after (torch SGD: SwAV, SEER; BYOL's optax
+    # chain), or updates already scaled by their step's LR (SimCLR's TF LARS)
     momentum_of: Literal["gradient", "update"] = "gradient"
     exclude_bias_and_norm: bool = True
     clip_grad_norm: float = 0.0  # 0 = off

@@ -16,7 +16,7 @@ __all__ = ["LARS", "OPTIMIZERS", "TRUST_NORMS", "build_optimizer", "param_groups
 
 TRUST_NORMS = ("sum_of_norms", "norm_of_sum")  # LARC (SwAV, SEER); SimCLR's and BYOL's LARS
 # what the momentum buffer sums: gradients, the LR applied after (torch SGD, so LARC in SwAV and
-# SEER), or updates already scaled by the LR of their step (SimCLR's TF LARS, BYOL's optax)
+# SEER; BYOL's optax chain too), or updates already scaled by their step's LR (SimCLR's TF LARS)
 MOMENTUM_OF = ("gradient", "update")
 
 
@@ -45,8 +45,8 @@ class LARS(torch.optim.Optimizer):
     ``||p||`` or ``||d||`` is 0). It differs from LARC's ratio when g and p are not parallel
     (by up to 1/sqrt(2), at g perpendicular to p and ||g|| == wd * ||p||).
 
-    ``momentum_of="update"`` keeps the LR inside the momentum buffer as SimCLR's and BYOL's
-    optimisers do (``buf <- m * buf + lr * g; p <- p - buf``): the same steps at a constant LR,
+    ``momentum_of="update"`` keeps the LR inside the momentum buffer as SimCLR's TF LARS
+    does (``buf <- m * buf + lr * g; p <- p - buf``): the same steps at a constant LR,
     but while the LR warms up or decays, earlier steps keep the LR they were taken with.
 
     A param group with ``"lars_exclude": True`` gets neither the trust ratio nor any special
@@ -125,7 +125,7 @@ class LARS(torch.optim.Optimizer):
                     # LARC: scaled (g + wd p) where the norms are positive, else g untouched.
                     g = torch.where(apply, g.add(p, alpha=wd) * ratio, g)
                 step_lr = lr
-                if group["momentum_of"] == "update":  # SimCLR / BYOL: the LR inside the buffer
+                if group["momentum_of"] == "update":  # SimCLR: the LR inside the buffer
                     g, step_lr = g * lr, 1.0
                 if momentum != 0.0:
                     state = self.state[p]

@@ -137,8 +137,9 @@ def test_paper_recipes_state_their_published_optimisation():
     assert not swav.optim.exclude_bias_and_norm and swav.train.syncbn_group_size == 8
     simclr, byol = load("simclr_v2"), load("byol")
     assert simclr.optim.trust_norm == byol.optim.trust_norm == "norm_of_sum"
-    assert simclr.optim.momentum_of == byol.optim.momentum_of == "update"
-    assert seer.optim.momentum_of == swav.optim.momentum_of == "gradient"  # torch SGD in LARC
+    assert simclr.optim.momentum_of == "update"  # SimCLR's TF LARS: v <- m v + lr u
+    # torch SGD under LARC (SwAV, SEER); BYOL's optax chain scales by the LR after the momentum
+    assert seer.optim.momentum_of == swav.optim.momentum_of == byol.optim.momentum_of == "gradient"
     assert simclr.train.syncbn_group_size >= simclr.train.batch_size  # global BN
     for name in ("rotation", "jigsaw", "rpl", "exemplar"):  # Revisiting: / 10 at 15 and 25 of 35
         cfg = load(name)

@@ -220,8 +220,8 @@ def test_lars_norm_of_sum_is_simclr_and_byol_form() -> None:
 
 
 def test_momentum_of_updates_keeps_each_steps_lr_in_the_buffer() -> None:
-    """SimCLR's TF LARS and BYOL's optax chain sum LR-scaled updates: v <- m v + lr_t u_t,
-    p <- p - v. With a warming-up LR this differs from torch's p <- p - lr_t (m b + u_t)."""
+    """SimCLR's TF LARS sums LR-scaled updates: v <- m v + lr_t u_t, p <- p - v. With a
+    warming-up LR this differs from torch's p <- p - lr_t (m b + u_t) (BYOL's form too)."""
     p0, grads, lrs = [3.0, 4.0], [[0.5, -0.2], [0.1, 0.3]], [0.5, 2.0]
     m, wd, eta = 0.9, 0.1, 0.01
 
