@@ -141,6 +141,10 @@ def test_paper_recipes_state_their_published_optimisation():
     # torch SGD under LARC (SwAV, SEER); BYOL's optax chain scales by the LR after the momentum
     assert seer.optim.momentum_of == swav.optim.momentum_of == byol.optim.momentum_of == "gradient"
     assert simclr.train.syncbn_group_size >= simclr.train.batch_size  # global BN
+    # a fixed 255 px square of the 292 px shorter-side resize: from the square, not the picture
+    # (as an area of a whole 4:3 picture no such square fits, and every crop would be the centre)
+    assert not load("jigsaw").data.whole_images and not load("rpl").data.whole_images
+    assert load("rotation").data.whole_images and seer.data.whole_images  # Inception-style crops
     for name in ("rotation", "jigsaw", "rpl", "exemplar"):  # Revisiting: / 10 at 15 and 25 of 35
         cfg = load(name)
         assert cfg.optim.schedule == "step" and cfg.train.epochs == 35
