@@ -339,11 +339,11 @@ class ShardDataset:
     def decode(self, sample: RawSample) -> tuple[torch.Tensor, int] | Skip:
         """-> (uint8 [3, S, S], label or -1), or Skip naming `<shard>#<key>` (a sample lost
         from a damaged shard, which has no key: `<shard>[<ordinal>]`, as `key()` names it)."""
-        decoded = self.decode_whole(sample, whole=False)
+        decoded = self.decode_with_aspect(sample, whole=False)
         return decoded if isinstance(decoded, Skip) else decoded[:2]
 
-    def decode_whole(
-        self, sample: RawSample, *, whole: bool = True
+    def decode_with_aspect(
+        self, sample: RawSample, *, whole: bool
     ) -> tuple[torch.Tensor, int, float] | Skip:
         """-> (uint8 [3, S, S], label or -1, width / height of what the square shows): the whole
         picture squashed (`decode_whole`), or (whole=False) its centre square, aspect 1."""

@@ -180,7 +180,7 @@ def slot_batches(
 
     for item, after in slot_items(ds, slot, cfg, state):
         attempted += 1
-        decoded = item if isinstance(item, Skip) else ds.decode_whole(item, whole=cfg.whole)
+        decoded = item if isinstance(item, Skip) else ds.decode_with_aspect(item, whole=cfg.whole)
         if isinstance(decoded, Skip):
             skips.append(decoded)
         else:

@@ -205,7 +205,7 @@ def test_resume_continues_exactly_and_replays_nothing(packed, monkeypatch):
         return Loader(ds, batch_size=3, seed=4, endless=True, num_workers=workers, shuffle_block_size=4)  # fmt: skip
 
     decoded: list[str] = []
-    original = ShardDataset.decode_whole  # what the stream calls (whole=False: centre square)
+    original = ShardDataset.decode_with_aspect  # what the stream calls (whole=False: centre square)
 
     def counting(self, sample, **kw):
         decoded.append(sample.key)
@@ -220,9 +220,9 @@ def test_resume_continues_exactly_and_replays_nothing(packed, monkeypatch):
         resumed = make(workers)
         resumed.load_state_dict(state)
         decoded.clear()
-        monkeypatch.setattr(ShardDataset, "decode_whole", counting)
+        monkeypatch.setattr(ShardDataset, "decode_with_aspect", counting)
         tail = list(itertools.islice(resumed, 10))
-        monkeypatch.setattr(ShardDataset, "decode_whole", original)
+        monkeypatch.setattr(ShardDataset, "decode_with_aspect", original)
         if workers == 0:  # (workers decode in their own processes, out of sight)
             assert len(decoded) == 30  # exactly the samples of the 10 batches: no replay
         for a, b in zip(head + tail, reference, strict=True):
