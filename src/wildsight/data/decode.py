@@ -177,17 +177,9 @@ def decode_resized(
     img = _decode(data, key, max_pixels, draft_side=size)
     if isinstance(img, Skip):
         return img
-    try:
-        w, h = img.size
-        new_w, new_h = _shorter_side_to(w, h, size)
-        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        pixels = np.asarray(img, dtype=np.uint8).reshape(size, size, 3)  # [S, S, 3]
-    except Exception as err:  # noqa: BLE001
-        return Skip(key, f"corrupt: {_short(err)}")
-    # numpy's transpose copy: torch's OpenMP one is ~100x slower on a busy machine
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [3, S, S]
+    new_w, new_h = _shorter_side_to(*img.size, size)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return _square_pixels(img, key, (new_w, new_h), (left, top, left + size, top + size))
 
 
 def decode_whole(
@@ -196,17 +188,30 @@ def decode_whole(
     """Encoded bytes -> (uint8 [3, S, S], width / height): the WHOLE image resized to S x S
     (bilinear, antialiased; squashed along its longer side) and its aspect ratio, so that
     random crops can cover all of it with the geometry of the original (the crop sampler
-    stretches its boxes by the aspect ratio, views/ops.sample_crop_boxes)."""
+    stretches its boxes by the aspect ratio, views/ops.sample_crop_boxes). Draft mode as above."""
     img = _decode(data, key, max_pixels, draft_side=size)
     if isinstance(img, Skip):
         return img
+    w, h = img.size
+    pixels = _square_pixels(img, key, (size, size), None)
+    return pixels if isinstance(pixels, Skip) else (pixels, w / h)
+
+
+def _square_pixels(
+    img: Image.Image, key: str, resize_to: tuple[int, int], crop: tuple[int, int, int, int] | None
+) -> torch.Tensor | Skip:
+    """img resized to `resize_to` (bilinear, antialiased), then cropped to `crop` (a square box
+    of that size) -> uint8 [3, S, S]; a Skip if Pillow fails on it."""
     try:
-        w, h = img.size
-        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        pixels = np.asarray(img, dtype=np.uint8).reshape(size, size, 3)  # [S, S, 3]
+        img = img.resize(resize_to, Image.Resampling.BILINEAR, reducing_gap=3.0)
+        if crop is not None:
+            img = img.crop(crop)
+        side = img.size[0]
+        pixels = np.asarray(img, dtype=np.uint8).reshape(side, side, 3)  # [S, S, 3]
     except Exception as err:  # noqa: BLE001
         return Skip(key, f"corrupt: {_short(err)}")
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), w / h
+    # numpy's transpose copy: torch's OpenMP one is ~100x slower on a busy machine
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [3, S, S]
 
 
 def _shorter_side_to(width: int, height: int, size: int) -> tuple[int, int]:
